@@ -1,0 +1,154 @@
+"""``manifest.json``: what a finished cache holds, how it was made, and every shard's checksum.
+
+The manifest is written last, atomically, and only when every shard of the input is
+finished; a directory without it is an unfinished run that ``generate-teacher`` resumes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import jsonschema
+
+from kdcache.cache import format as fmt
+from kdcache.errors import KdcacheError
+
+_SHARD = {
+    "type": "object",
+    "required": ["index", "file", "rows", "first_seq_id", "last_seq_id", "supervised_tokens",
+                 "topk_entries", "sample_entries", "bytes", "sha256", "skipped"],
+    "properties": {
+        "index": {"type": "integer", "minimum": 0},
+        "file": {"type": "string"},
+        "rows": {"type": "integer", "minimum": 0},
+        "first_seq_id": {"type": "integer"},
+        "last_seq_id": {"type": "integer"},
+        "supervised_tokens": {"type": "integer", "minimum": 0},
+        "topk_entries": {"type": "integer", "minimum": 0},
+        "sample_entries": {"type": "integer", "minimum": 0},
+        "topk_mass_sum": {"type": "number"},
+        "bytes": {"type": "integer", "minimum": 0},
+        "sha256": {"type": "string", "pattern": "^[0-9a-f]{64}$"},
+        "skipped": {"type": "array", "items": {"type": "object", "required": ["seq_id", "source", "reason"]}},
+    },
+}
+
+
+def manifest_json_schema() -> dict:
+    """JSON Schema (draft 2020-12) of a v1 manifest."""
+    return {
+        "$schema": "https://json-schema.org/draft/2020-12/schema",
+        "title": "kdcache cache manifest",
+        "type": "object",
+        "required": ["format", "format_version", "complete", "created_at", "tool_version", "teacher",
+                     "tokenizer", "top_k", "sampling", "logprobs", "mode", "dataset", "shard_size",
+                     "settings_hash", "shards", "totals"],
+        "properties": {
+            "format": {"const": fmt.FORMAT_NAME},
+            "format_version": {"type": "integer"},
+            "complete": {"const": True},
+            "created_at": {"type": "string", "description": "UTC ISO-8601 time the manifest was written"},
+            "tool_version": {"type": "string"},
+            "teacher": {
+                "type": "object",
+                "required": ["model", "dtype", "quantization", "backend"],
+                "properties": {
+                    "model": {"type": "string", "description": "path or hub id as given"},
+                    "revision": {"type": ["string", "null"]},
+                    "config_sha256": {"type": ["string", "null"]},
+                    "dtype": {"type": "string"},
+                    "quantization": {"type": ["string", "null"]},
+                    "backend": {"enum": ["vllm", "hf"]},
+                },
+            },
+            "tokenizer": {
+                "type": "object",
+                "required": ["vocab_size", "vocab_sha256", "special_tokens", "chat_template_sha256"],
+                "properties": {
+                    "vocab_size": {"type": "integer", "minimum": 1},
+                    "vocab_sha256": {"type": "string"},
+                    "special_tokens": {"type": "object"},
+                    "chat_template_sha256": {"type": ["string", "null"]},
+                },
+            },
+            "top_k": {"type": "integer", "minimum": 0},
+            "sampling": {
+                "type": "object",
+                "required": ["mode", "num_samples", "seed"],
+                "properties": {
+                    "mode": {"enum": ["none", "random"]},
+                    "num_samples": {"type": "integer", "minimum": 0},
+                    "seed": {"type": "integer"},
+                },
+            },
+            "logprobs": {
+                "type": "object",
+                "required": ["mode", "temperature", "quantization"],
+                "properties": {
+                    "mode": {"const": "raw", "description": "log_softmax of the unscaled logits"},
+                    "temperature": {"type": "number"},
+                    "quantization": {"type": "object"},
+                },
+            },
+            "mode": {"enum": ["score", "generate"]},
+            "generation": {"type": ["object", "null"]},
+            "dataset": {
+                "type": "object",
+                "required": ["source", "format", "fingerprint", "max_length", "rows"],
+            },
+            "shard_size": {"type": "integer", "minimum": 1},
+            "settings_hash": {"type": "string"},
+            "shards": {"type": "array", "items": _SHARD},
+            "totals": {
+                "type": "object",
+                "required": ["sequences", "supervised_tokens", "skipped_rows", "bytes", "shards"],
+            },
+        },
+    }
+
+
+def validate_manifest(manifest: dict, path: Path) -> None:
+    version = manifest.get("format_version") if isinstance(manifest, dict) else None
+    if isinstance(version, int) and version not in fmt.SUPPORTED_VERSIONS:
+        raise KdcacheError(
+            f"{path}: cache format v{version} is not supported (this kdcache reads "
+            f"v{', v'.join(map(str, fmt.SUPPORTED_VERSIONS))}); upgrade kdcache or regenerate the cache"
+        )
+    try:
+        jsonschema.validate(manifest, manifest_json_schema())
+    except jsonschema.ValidationError as exc:
+        where = "/".join(map(str, exc.absolute_path)) or "(top level)"
+        raise KdcacheError(f"{path}: invalid manifest at {where}: {exc.message}") from None
+
+
+def load_manifest(cache_dir: str | Path) -> dict:
+    """Read and validate ``cache_dir/manifest.json``; one-line KdcacheError if unusable."""
+    cache_dir = Path(cache_dir)
+    path = cache_dir / fmt.MANIFEST_NAME
+    if not cache_dir.is_dir():
+        raise KdcacheError(f"{cache_dir}: no such cache directory")
+    if not path.exists():
+        hint = "the run is unfinished: rerun the same generate-teacher command to complete it"
+        if not (cache_dir / fmt.RUN_NAME).exists():
+            hint = "not a kdcache directory (no manifest.json or run.json)"
+        raise KdcacheError(f"{path}: missing; {hint}")
+    try:
+        manifest = json.loads(path.read_text())
+    except ValueError as exc:
+        raise KdcacheError(f"{path}: invalid JSON ({exc}); rerun generate-teacher to rewrite it") from exc
+    validate_manifest(manifest, path)
+    if manifest["totals"]["sequences"] == 0:
+        raise KdcacheError(f"{path}: the cache is empty (0 sequences); check the dataset given to generate-teacher")
+    return manifest
+
+
+def write_json_atomic(path: Path, payload: dict) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w") as handle:
+        json.dump(payload, handle, indent=2)
+        handle.write("\n")
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)

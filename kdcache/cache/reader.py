@@ -1,0 +1,189 @@
+"""Stream a finished cache: manifest check, then shards one record batch at a time."""
+
+from __future__ import annotations
+
+import base64
+import json
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import pyarrow.parquet as pq
+import zstandard
+
+from kdcache.cache import format as fmt
+from kdcache.cache.manifest import load_manifest
+from kdcache.cache.quantize import dequantize_logprobs
+from kdcache.cache.records import TeacherScores
+from kdcache.errors import KdcacheError
+
+
+def decode_id_table(blob: bytes) -> np.ndarray:
+    raw = zstandard.ZstdDecompressor().decompress(base64.b64decode(blob))
+    return np.frombuffer(raw, dtype="<u4").astype(np.int64)
+
+
+def _check_shard_meta(path: Path, meta: dict[bytes, bytes] | None) -> None:
+    if not meta or fmt.META_VERSION not in meta:
+        raise KdcacheError(f"{path}: not a kdcache shard (no format version in its footer)")
+    version = int(meta[fmt.META_VERSION])
+    if version not in fmt.SUPPORTED_VERSIONS:
+        raise KdcacheError(
+            f"{path}: cache format v{version} is not supported by this kdcache (reads "
+            f"v{', v'.join(map(str, fmt.SUPPORTED_VERSIONS))}); upgrade kdcache or regenerate the cache"
+        )
+
+
+def _flat(batch, name: str) -> tuple[np.ndarray, np.ndarray]:
+    """(offsets int64 [rows+1], values) of a list column, zero-copy where Arrow allows."""
+    col = batch.column(name)
+    offsets = col.offsets.to_numpy().astype(np.int64)
+    return offsets, col.values.to_numpy(zero_copy_only=False)
+
+
+def _plane(batch, name: str) -> np.ndarray:
+    """All bytes of a binary column in this batch, rows concatenated (uint8)."""
+    col = batch.column(name)
+    bufs = col.buffers()
+    offsets = np.frombuffer(bufs[1], dtype=np.int32)[col.offset : col.offset + len(col) + 1]
+    data = bufs[2]
+    if data is None or offsets[-1] == offsets[0]:
+        return np.zeros(0, np.uint8)
+    return np.frombuffer(data, dtype=np.uint8)[offsets[0] : offsets[-1]]
+
+
+def _planes(batch, names: tuple[str, ...]) -> np.ndarray:
+    """Reassemble little-endian integers from byte planes; missing high planes are zero. int64."""
+    out = _plane(batch, names[0]).astype(np.int64)
+    for shift, name in enumerate(names[1:], start=1):
+        plane = _plane(batch, name)
+        if plane.shape[0]:
+            out |= plane.astype(np.int64) << (8 * shift)
+    return out
+
+
+def decode_batch(batch, id_table: np.ndarray, top_k: int) -> Iterator[TeacherScores]:
+    """Decode one Arrow record batch of a shard into :class:`TeacherScores`, vectorized per column."""
+    seq_ids = batch.column("seq_id").to_numpy()
+    sources = batch.column("source").to_pylist()
+    ids_off, ids = _flat(batch, "input_ids")
+    pos_off, positions = _flat(batch, "target_positions")
+    target_lp = dequantize_logprobs(_flat(batch, "target_logprob_q")[1])
+    if top_k > 0:
+        tail = _flat(batch, "tail_logmass")[1]
+        codes = _planes(batch, ("topk_code_b0", "topk_code_b1", "topk_code_b2"))
+        topk_ids = id_table[codes].astype(np.int32).reshape(-1, top_k)
+        gaps = _planes(batch, ("topk_lpq_b0", "topk_lpq_b1")).reshape(-1, top_k)
+        topk_lp = dequantize_logprobs(np.cumsum(gaps, axis=1))
+    len_off, lengths = _flat(batch, "sample_lengths")
+    has_samples = lengths.shape[0] == positions.shape[0] and lengths.shape[0] > 0
+    if has_samples:
+        ent_off, gaps_s = _flat(batch, "sample_id_gaps")
+        counts = _flat(batch, "sample_counts")[1].astype(np.int32)
+        pos_starts = np.zeros(lengths.shape[0] + 1, dtype=np.int64)
+        np.cumsum(lengths, out=pos_starts[1:])
+        # Each position's first gap is absolute: ids = running sum minus the sum before the position.
+        total = np.cumsum(gaps_s.astype(np.int64))
+        before = np.zeros_like(total)
+        starts = pos_starts[:-1][lengths > 0]
+        before[starts] = total[starts] - gaps_s[starts]
+        sample_ids = (total - np.maximum.accumulate(before)).astype(np.int32)
+    for i in range(len(seq_ids)):
+        a, b = pos_off[i], pos_off[i + 1]
+        result = TeacherScores(
+            seq_id=int(seq_ids[i]),
+            source=sources[i],
+            input_ids=ids[ids_off[i] : ids_off[i + 1]].astype(np.int32),
+            target_positions=positions[a:b].astype(np.int32),
+            target_logprobs=target_lp[a:b],
+        )
+        if top_k > 0:
+            result.topk_ids = topk_ids[a:b]
+            result.topk_logprobs = topk_lp[a:b]
+            result.tail_logmass = tail[a:b].astype(np.float32)
+        if has_samples:
+            e0, e1 = ent_off[i], ent_off[i + 1]
+            result.sample_offsets = (pos_starts[a : b + 1] - pos_starts[a]).astype(np.int32)
+            result.sample_ids = sample_ids[e0:e1]
+            result.sample_counts = counts[e0:e1]
+        yield result
+
+
+def _iter_file(pf: pq.ParquetFile, id_table: np.ndarray, top_k: int, path: Path, batch_rows: int) -> Iterator[TeacherScores]:
+    try:
+        for batch in pf.iter_batches(batch_size=batch_rows):
+            yield from decode_batch(batch, id_table, top_k)
+    except KdcacheError:
+        raise
+    except Exception as exc:  # damaged pages surface as ArrowInvalid/OSError mid-stream
+        raise KdcacheError(f"{path}: damaged shard ({type(exc).__name__}: {exc}); run `kdcache verify`") from exc
+
+
+class CacheReader:
+    """Read a finished cache directory without loading it into RAM.
+
+    ``CacheReader(path).iter_sequences()`` yields :class:`TeacherScores` shard by shard,
+    ``batch_rows`` Parquet rows at a time. The manifest is validated on open; shards are
+    checked against it (size, format version) as they are opened.
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.manifest = load_manifest(self.path)
+        self.top_k = int(self.manifest["top_k"])
+        self.num_samples = int(self.manifest["sampling"]["num_samples"])
+
+    @property
+    def shards(self) -> list[dict]:
+        return self.manifest["shards"]
+
+    def shard_path(self, shard: dict) -> Path:
+        return self.path / shard["file"]
+
+    def open_shard(self, shard: dict) -> tuple[pq.ParquetFile, np.ndarray]:
+        path = self.shard_path(shard)
+        if not path.exists():
+            raise KdcacheError(f"{path}: shard listed in the manifest is missing; copy it again or rerun generate-teacher")
+        if path.stat().st_size != shard["bytes"]:
+            raise KdcacheError(
+                f"{path}: size {path.stat().st_size} differs from the manifest's {shard['bytes']} (damaged or "
+                "truncated copy); run `kdcache verify` and copy the shard again"
+            )
+        try:
+            pf = pq.ParquetFile(path)
+        except Exception as exc:  # pyarrow raises ArrowInvalid/OSError for a damaged footer
+            raise KdcacheError(f"{path}: unreadable Parquet ({exc}); copy the shard again or rerun generate-teacher") from exc
+        meta = pf.schema_arrow.metadata
+        _check_shard_meta(path, meta)
+        return pf, decode_id_table(meta[fmt.META_ID_TABLE])
+
+    def iter_shard(self, shard: dict, batch_rows: int = 64) -> Iterator[TeacherScores]:
+        pf, id_table = self.open_shard(shard)
+        yield from _iter_file(pf, id_table, self.top_k, self.shard_path(shard), batch_rows)
+
+    def iter_sequences(self, shard_indices: list[int] | None = None, batch_rows: int = 64) -> Iterator[TeacherScores]:
+        """All sequences in seq_id order (or only the given shards, in the given order)."""
+        shards = self.shards if shard_indices is None else [self.shards[i] for i in shard_indices]
+        for shard in shards:
+            yield from self.iter_shard(shard, batch_rows)
+
+    def __len__(self) -> int:
+        return int(self.manifest["totals"]["sequences"])
+
+
+def read_shard_file(path: str | Path, batch_rows: int = 64) -> Iterator[TeacherScores]:
+    """Decode one shard file on its own (no manifest needed), e.g. for debugging."""
+    path = Path(path)
+    pf = pq.ParquetFile(path)
+    meta = pf.schema_arrow.metadata
+    _check_shard_meta(path, meta)
+    yield from _iter_file(pf, decode_id_table(meta[fmt.META_ID_TABLE]), int(meta[fmt.META_TOP_K]), path, batch_rows)
+
+
+def load_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise KdcacheError(f"{path}: not found") from None
+    except ValueError as exc:
+        raise KdcacheError(f"{path}: invalid JSON ({exc})") from exc

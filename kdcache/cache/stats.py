@@ -1,0 +1,121 @@
+"""`kdcache inspect` and `kdcache verify`: summaries and integrity checks of a cache directory."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+
+from kdcache.cache import format as fmt
+from kdcache.cache.manifest import load_manifest
+from kdcache.cache.reader import _check_shard_meta
+from kdcache.errors import KdcacheError
+
+
+def summarize(cache_dir: str | Path) -> dict:
+    """Headline numbers of a finished cache, from its manifest (no shard is read)."""
+    manifest = load_manifest(cache_dir)
+    totals = manifest["totals"]
+    tokens = max(1, totals["supervised_tokens"])
+    entries = totals.get("topk_entries", 0)
+    return {
+        "path": str(cache_dir),
+        "format_version": manifest["format_version"],
+        "teacher": manifest["teacher"]["model"],
+        "backend": manifest["teacher"]["backend"],
+        "mode": manifest["mode"],
+        "top_k": manifest["top_k"],
+        "sampling": manifest["sampling"],
+        "sequences": totals["sequences"],
+        "supervised_tokens": totals["supervised_tokens"],
+        "skipped_rows": totals["skipped_rows"],
+        "shards": totals["shards"],
+        "bytes": totals["bytes"],
+        "bytes_per_supervised_token": totals["bytes"] / tokens,
+        "bytes_per_topk_entry": (totals["bytes"] / entries) if entries else None,
+        "mean_topk_mass": totals.get("mean_topk_mass"),
+        "mean_unique_samples_per_token": (totals.get("sample_entries", 0) / tokens) if manifest["sampling"]["num_samples"] else None,
+    }
+
+
+def format_summary(summary: dict) -> str:
+    lines = [
+        f"cache            {summary['path']} (format v{summary['format_version']})",
+        f"teacher          {summary['teacher']} via {summary['backend']}, mode {summary['mode']}",
+        f"top-k            {summary['top_k']}",
+    ]
+    if summary["sampling"]["num_samples"]:
+        lines.append(
+            f"random sampling  N={summary['sampling']['num_samples']}, "
+            f"{summary['mean_unique_samples_per_token']:.1f} unique ids per token"
+        )
+    lines += [
+        f"sequences        {summary['sequences']:,} ({summary['skipped_rows']:,} bad rows skipped)",
+        f"supervised tok.  {summary['supervised_tokens']:,}",
+        f"shards           {summary['shards']}",
+        f"bytes            {summary['bytes']:,}",
+        f"bytes / token    {summary['bytes_per_supervised_token']:.2f}",
+    ]
+    if summary["bytes_per_topk_entry"]:
+        lines.append(f"bytes / entry    {summary['bytes_per_topk_entry']:.3f} (all columns / (tokens x k))")
+    if summary["mean_topk_mass"] is not None:
+        lines.append(f"mean top-k mass  {summary['mean_topk_mass']:.4f}")
+    return "\n".join(lines)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(1 << 22):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def verify_shard(cache_dir: Path, shard: dict, top_k: int) -> str | None:
+    """None if the shard matches its manifest entry, else a one-line problem description."""
+    path = cache_dir / shard["file"]
+    if not path.exists():
+        return f"{path}: missing"
+    size = path.stat().st_size
+    if size != shard["bytes"]:
+        return f"{path}: {size} bytes, manifest says {shard['bytes']} (truncated or replaced)"
+    if _sha256(path) != shard["sha256"]:
+        return f"{path}: checksum mismatch (damaged copy)"
+    try:
+        pf = pq.ParquetFile(path)
+        _check_shard_meta(path, pf.schema_arrow.metadata)
+        if pf.schema_arrow.remove_metadata() != fmt.shard_schema():
+            return f"{path}: schema differs from format v{fmt.FORMAT_VERSION}"
+        table = pf.read(columns=["seq_id", "target_positions", "topk_code_b0"])
+    except KdcacheError as exc:
+        return str(exc)
+    except Exception as exc:
+        return f"{path}: unreadable Parquet ({type(exc).__name__}: {exc})"
+    if table.num_rows != shard["rows"]:
+        return f"{path}: {table.num_rows} rows, manifest says {shard['rows']}"
+    n_targets = int(np.diff(table.column("target_positions").combine_chunks().offsets.to_numpy()).sum())
+    if n_targets != shard["supervised_tokens"]:
+        return f"{path}: {n_targets} supervised tokens, manifest says {shard['supervised_tokens']}"
+    seq = table.column("seq_id").to_numpy()
+    if seq.size and (seq.min() < shard["first_seq_id"] or seq.max() > shard["last_seq_id"]):
+        return f"{path}: seq_id outside the shard's range {shard['first_seq_id']}..{shard['last_seq_id']}"
+    return None
+
+
+def verify_cache(cache_dir: str | Path) -> list[str]:
+    """Check every shard's size, checksum, schema and counts; returns the problems found."""
+    cache_dir = Path(cache_dir)
+    manifest = load_manifest(cache_dir)
+    problems = []
+    for shard in manifest["shards"]:
+        problem = verify_shard(cache_dir, shard, manifest["top_k"])
+        if problem:
+            problems.append(problem)
+    total_rows = sum(s["rows"] + len(s["skipped"]) for s in manifest["shards"])
+    if total_rows != manifest["dataset"]["rows"]:
+        problems.append(
+            f"{cache_dir / fmt.MANIFEST_NAME}: shards cover {total_rows} rows, dataset has {manifest['dataset']['rows']}"
+        )
+    return problems

@@ -1,0 +1,282 @@
+"""Encode teacher results into v1 shards and write them atomically.
+
+A shard is first written to ``.part-NNNNN.parquet.tmp-<pid>``, fsynced, then renamed; its
+record (``part-NNNNN.json``: counts, bytes, sha256) is written the same way *after* the
+rename. A shard counts as finished only when its record exists and matches the file, so a
+job killed at any instant leaves either nothing or a complete, verifiable shard.
+"""
+
+from __future__ import annotations
+
+import base64
+import errno
+import hashlib
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import zstandard
+
+from kdcache.cache import format as fmt
+from kdcache.cache.quantize import quantize_logprobs
+from kdcache.cache.records import TeacherScores
+from kdcache.errors import KdcacheError
+
+
+@dataclass
+class ShardRecord:
+    """What the manifest keeps about one finished shard (also its sidecar JSON)."""
+
+    index: int
+    file: str
+    rows: int
+    first_seq_id: int
+    last_seq_id: int
+    supervised_tokens: int
+    topk_entries: int
+    sample_entries: int
+    bytes: int
+    sha256: str
+    skipped: list[dict] = field(default_factory=list)
+    topk_mass_sum: float = 0.0  # sum over positions of the top-k probability mass
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+def _list_array(offsets: np.ndarray, values: np.ndarray, value_type: pa.DataType) -> pa.ListArray:
+    return pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), pa.array(values, value_type))
+
+
+def _byte_plane(offsets: np.ndarray, plane: np.ndarray | None) -> pa.BinaryArray:
+    """A binary column whose row ``i`` is ``plane[offsets[i]:offsets[i+1]]`` (zero-copy)."""
+    data = np.ascontiguousarray(plane if plane is not None else np.zeros(0, np.uint8))
+    return pa.BinaryArray.from_buffers(
+        pa.binary(), len(offsets) - 1, [None, pa.py_buffer(offsets.astype(np.int32)), pa.py_buffer(data)]
+    )
+
+
+def _offsets(lengths: Sequence[int] | np.ndarray) -> np.ndarray:
+    out = np.zeros(len(lengths) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=out[1:])
+    if out[-1] > np.iinfo(np.int32).max:
+        raise KdcacheError("shard too large for 32-bit list offsets; lower --shard-size")
+    return out.astype(np.int32)
+
+
+def _cat(arrays: list[np.ndarray], dtype) -> np.ndarray:
+    return np.concatenate(arrays).astype(dtype, copy=False) if arrays else np.zeros(0, dtype)
+
+
+def encode_topk(topk_ids: np.ndarray, topk_logprobs: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Encode ``[P, k]`` top-k ids/log-probs (descending) of a whole shard.
+
+    Returns ``(codes uint32 [P*k], logprob_q uint16 [P*k], id_table uint32 [n_ids])`` where
+    ``id_table[codes] == topk_ids.ravel()``; frequent ids get small codes, which is what
+    makes the high bytes of the codes compress to almost nothing.
+    """
+    ids = topk_ids.reshape(-1).astype(np.int64, copy=False)
+    if ids.size == 0:
+        return np.zeros(0, np.uint32), np.zeros(0, np.uint16), np.zeros(0, np.uint32)
+    counts = np.bincount(ids)
+    present = np.flatnonzero(counts)
+    id_table = present[np.argsort(-counts[present], kind="stable")].astype(np.uint32)
+    code_of = np.zeros(counts.shape[0], dtype=np.uint32)
+    code_of[id_table] = np.arange(id_table.shape[0], dtype=np.uint32)
+    q = quantize_logprobs(topk_logprobs).astype(np.int32)
+    # Codes are non-decreasing along each row only if the input is sorted; enforce it so a
+    # backend returning ties in another order cannot produce negative gaps.
+    q = np.maximum.accumulate(q, axis=1)
+    gaps = np.diff(q, axis=1, prepend=0).astype(np.uint16)
+    return np.ascontiguousarray(code_of[ids], dtype="<u4"), np.ascontiguousarray(gaps.reshape(-1), dtype="<u2"), id_table
+
+
+def encode_id_table(id_table: np.ndarray) -> bytes:
+    raw = np.ascontiguousarray(id_table, dtype="<u4").tobytes()
+    return base64.b64encode(zstandard.ZstdCompressor(level=3).compress(raw))
+
+
+def build_shard_table(results: Sequence[TeacherScores], top_k: int) -> tuple[pa.Table, dict[bytes, bytes], dict]:
+    """Arrow table + footer metadata + counts for one shard's results (seq_id order kept)."""
+    n_targets = [r.num_targets for r in results]
+    targets_off = _offsets(n_targets)
+    has_topk = top_k > 0
+    has_samples = any(r.sample_offsets is not None for r in results)
+
+    cols: dict[str, pa.Array] = {
+        "seq_id": pa.array([r.seq_id for r in results], pa.int64()),
+        "source": pa.array([r.source for r in results], pa.string()),
+        "input_ids": _list_array(
+            _offsets([len(r.input_ids) for r in results]), _cat([r.input_ids for r in results], np.int32), pa.int32()
+        ),
+        "target_positions": _list_array(
+            targets_off, _cat([r.target_positions for r in results], np.int32), pa.int32()
+        ),
+        "target_logprob_q": _list_array(
+            targets_off, quantize_logprobs(_cat([r.target_logprobs for r in results], np.float32)), pa.uint16()
+        ),
+    }
+    id_table = np.zeros(0, np.uint32)
+    mass_sum = 0.0
+    zero_off = np.zeros(len(results) + 1, np.int32)
+    if has_topk:
+        for r in results:
+            if r.topk_ids is None or r.topk_ids.shape != (r.num_targets, top_k):
+                raise KdcacheError(f"{r.source}: teacher returned top-k of shape "
+                                   f"{None if r.topk_ids is None else r.topk_ids.shape}, expected ({r.num_targets}, {top_k})")
+        topk_ids = _cat([r.topk_ids for r in results], np.int64).reshape(-1, top_k)
+        topk_lp = _cat([r.topk_logprobs for r in results], np.float32).reshape(-1, top_k)
+        codes, gaps, id_table = encode_topk(topk_ids, topk_lp)
+        entries_off = targets_off * top_k
+        cols["tail_logmass"] = _list_array(targets_off, _cat([r.tail_logmass for r in results], np.float32), pa.float32())
+        code_bytes = codes.view(np.uint8).reshape(-1, 4)
+        gap_bytes = gaps.view(np.uint8).reshape(-1, 2)
+        wide = id_table.shape[0] > 65536
+        for b in range(3):
+            plane = code_bytes[:, b] if (b < 2 or wide) else None
+            cols[f"topk_code_b{b}"] = _byte_plane(entries_off if plane is not None else zero_off, plane)
+        for b in range(2):
+            cols[f"topk_lpq_b{b}"] = _byte_plane(entries_off, gap_bytes[:, b])
+        tails = cols["tail_logmass"].values.to_numpy()
+        mass_sum = float(-np.expm1(tails.astype(np.float64)).sum())
+    else:
+        cols["tail_logmass"] = _list_array(zero_off, np.zeros(0, np.float32), pa.float32())
+        for name in ("topk_code_b0", "topk_code_b1", "topk_code_b2", "topk_lpq_b0", "topk_lpq_b1"):
+            cols[name] = _byte_plane(zero_off, None)
+
+    n_sample_entries = 0
+    if has_samples:
+        lengths, gaps_list, counts_list = [], [], []
+        for r in results:
+            if r.sample_offsets is None:
+                raise KdcacheError(f"{r.source}: missing sampled tokens while other rows have them")
+            per_pos = np.diff(r.sample_offsets)
+            ids = r.sample_ids.astype(np.int64)
+            gaps = np.diff(ids, prepend=0)
+            gaps[r.sample_offsets[:-1][per_pos > 0]] = ids[r.sample_offsets[:-1][per_pos > 0]]
+            lengths.append(per_pos)
+            gaps_list.append(gaps)
+            counts_list.append(r.sample_counts)
+        row_entries = [int(len(g)) for g in gaps_list]
+        n_sample_entries = sum(row_entries)
+        ent_off = _offsets(row_entries)
+        cols["sample_lengths"] = _list_array(targets_off, _cat(lengths, np.uint16), pa.uint16())
+        cols["sample_id_gaps"] = _list_array(ent_off, _cat(gaps_list, np.uint32), pa.uint32())
+        cols["sample_counts"] = _list_array(ent_off, _cat(counts_list, np.uint16), pa.uint16())
+    else:
+        cols["sample_lengths"] = _list_array(zero_off, np.zeros(0, np.uint16), pa.uint16())
+        cols["sample_id_gaps"] = _list_array(zero_off, np.zeros(0, np.uint32), pa.uint32())
+        cols["sample_counts"] = _list_array(zero_off, np.zeros(0, np.uint16), pa.uint16())
+
+    table = pa.Table.from_arrays([cols[f.name] for f in fmt.shard_schema()], schema=fmt.shard_schema())
+    meta = {
+        fmt.META_VERSION: str(fmt.FORMAT_VERSION).encode(),
+        fmt.META_TOP_K: str(top_k).encode(),
+        fmt.META_ID_TABLE: encode_id_table(id_table),
+    }
+    stats = {
+        "rows": len(results),
+        "supervised_tokens": int(targets_off[-1]),
+        "topk_entries": int(targets_off[-1]) * top_k if has_topk else 0,
+        "sample_entries": n_sample_entries,
+        "topk_mass_sum": mass_sum,
+    }
+    return table, meta, stats
+
+
+def _fsync_write(path: Path, data: bytes) -> None:
+    with open(path, "wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(1 << 22):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_shard(
+    out_dir: str | Path,
+    index: int,
+    results: Sequence[TeacherScores],
+    top_k: int,
+    skipped: Sequence[dict] = (),
+    zstd_level: int = fmt.ZSTD_LEVEL,
+) -> ShardRecord:
+    """Write shard ``index`` under ``out_dir/shards`` atomically and return its record.
+
+    ``skipped`` lists input rows dropped with ``--skip-bad-rows`` (``seq_id``, ``source``,
+    ``reason``); they are kept in the record so the manifest accounts for every row.
+    """
+    shard_dir = Path(out_dir) / fmt.SHARD_DIR
+    shard_dir.mkdir(parents=True, exist_ok=True)
+    name = fmt.SHARD_PATTERN.format(index=index)
+    final = shard_dir / name
+    tmp = shard_dir / f".{name}.tmp-{os.getpid()}"
+    table, meta, stats = build_shard_table(results, top_k)
+    meta[fmt.META_SHARD_INDEX] = str(index).encode()
+    table = table.replace_schema_metadata(meta)
+    seq_ids = [r.seq_id for r in results] + [int(s["seq_id"]) for s in skipped]
+    try:
+        pq.write_table(
+            table,
+            tmp,
+            compression="zstd",
+            compression_level=zstd_level,
+            use_dictionary=["source"],
+            use_byte_stream_split=["target_logprob_q.list.element", "sample_id_gaps.list.element"],
+            write_statistics=["seq_id"],
+            row_group_size=max(1, len(results)),
+            data_page_size=1 << 20,
+        )
+        with open(tmp, "rb+") as handle:
+            os.fsync(handle.fileno())
+        os.replace(tmp, final)
+        record = ShardRecord(
+            index=index,
+            file=f"{fmt.SHARD_DIR}/{name}",
+            first_seq_id=min(seq_ids) if seq_ids else -1,
+            last_seq_id=max(seq_ids) if seq_ids else -1,
+            bytes=final.stat().st_size,
+            sha256=_sha256(final),
+            skipped=list(skipped),
+            **stats,
+        )
+        rec_path = shard_dir / fmt.SHARD_RECORD_PATTERN.format(index=index)
+        rec_tmp = rec_path.with_name(f".{rec_path.name}.tmp-{os.getpid()}")
+        _fsync_write(rec_tmp, (json.dumps(record.to_json(), indent=1) + "\n").encode())
+        os.replace(rec_tmp, rec_path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        if exc.errno == errno.ENOSPC:
+            raise KdcacheError(
+                f"{final}: disk full while writing the shard; free space and rerun the same command "
+                "(finished shards are kept)"
+            ) from exc
+        raise KdcacheError(f"{final}: cannot write shard ({exc.strerror}); rerun the same command") from exc
+    return record
+
+
+def load_shard_record(out_dir: str | Path, index: int) -> ShardRecord | None:
+    """The record of a finished shard, or None if the shard is not finished (or half-written)."""
+    shard_dir = Path(out_dir) / fmt.SHARD_DIR
+    rec_path = shard_dir / fmt.SHARD_RECORD_PATTERN.format(index=index)
+    if not rec_path.exists():
+        return None
+    try:
+        record = ShardRecord(**json.loads(rec_path.read_text()))
+    except (ValueError, TypeError):
+        return None
+    shard = Path(out_dir) / record.file
+    if not shard.exists() or shard.stat().st_size != record.bytes:
+        return None
+    return record

@@ -1,0 +1,55 @@
+"""`kdcache` command line: a thin layer over the Python API (see README for a reference)."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from kdcache import __version__
+from kdcache.errors import KdcacheError
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="kdcache")
+def cli() -> None:
+    """Offline knowledge distillation: cache a teacher's sparse distributions once
+    (generate-teacher), then train students from the cache (train-student)."""
+
+
+def _register() -> None:
+    from kdcache.cli import cache_cmds, generate_cmd
+
+    cli.add_command(generate_cmd.generate_teacher)
+    cli.add_command(cache_cmds.inspect)
+    cli.add_command(cache_cmds.verify)
+    try:
+        from kdcache.cli import train_cmds
+    except ImportError:  # stage two not installed in this build
+        return
+    for command in train_cmds.COMMANDS:
+        cli.add_command(command)
+
+
+_register()
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: user errors print one line and exit 2, never a traceback."""
+    try:
+        cli.main(args=argv, prog_name="kdcache", standalone_mode=False)
+    except KdcacheError as exc:
+        click.echo(f"kdcache: error: {exc}", err=True)
+        sys.exit(2)
+    except click.exceptions.Abort:
+        click.echo("kdcache: aborted", err=True)
+        sys.exit(130)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        click.echo("kdcache: interrupted; finished shards are kept, rerun the same command to resume", err=True)
+        sys.exit(130)
+    except MemoryError:
+        click.echo("kdcache: error: out of memory; lower --batch-tokens / --max-num-batched-tokens / --shard-size", err=True)
+        sys.exit(2)

@@ -1,0 +1,58 @@
+"""`kdcache generate-teacher`: stage one."""
+
+from __future__ import annotations
+
+import click
+
+from kdcache.config import apply_config
+from kdcache.teacher.generate import GenerateConfig, generate_teacher_cache
+
+
+def _load_config(ctx: click.Context, _param: click.Parameter, value: str | None) -> str | None:
+    apply_config(ctx, ctx.command, value)
+    return value
+
+
+@click.command("generate-teacher")
+@click.option("--config", type=click.Path(dir_okay=False), callback=_load_config, is_eager=True, expose_value=False,
+              help="Pipeline YAML; its `teacher:` section supplies defaults for these flags.")
+@click.option("--teacher", required=True, help="HF model directory or hub id, a .gguf file, or an AWQ/GPTQ checkpoint.")
+@click.option("--dataset", required=True, help="JSONL, .jsonl.zst, Parquet, a directory/glob of them, a `datasets` save_to_disk directory, or a hub dataset name.")
+@click.option("--output", required=True, type=click.Path(file_okay=False), help="Cache directory (created; rerun the same command to resume).")
+@click.option("--backend", type=click.Choice(["auto", "vllm", "hf"]), default="auto", show_default=True, help="vLLM engine or transformers forward; auto prefers vLLM.")
+@click.option("--top-k", type=int, default=64, show_default=True, help="Top log-probs stored per supervised token (0 with --sampling random stores samples only).")
+@click.option("--sampling", type=click.Choice(["none", "random"]), default="none", show_default=True, help="Also store Random-Sampling KD targets.")
+@click.option("--samples", type=int, default=50, show_default=True, help="Draws per token for --sampling random.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed for sampling (per sequence: [seed, seq_id]).")
+@click.option("--max-length", type=int, default=2048, show_default=True, help="Truncate sequences to this many tokens.")
+@click.option("--format", "data_format", type=click.Choice(["text", "prompt_response", "alpaca", "messages"]), default=None, help="Input format (default: detected from the first row).")
+@click.option("--mode", type=click.Choice(["score", "generate"]), default="score", show_default=True, help="score: teacher-forced on the dataset's responses; generate: the teacher writes the responses (sequence-level KD).")
+@click.option("--max-new-tokens", type=int, default=256, show_default=True, help="--mode generate: response length limit.")
+@click.option("--temperature", type=float, default=1.0, show_default=True, help="--mode generate: sampling temperature (stored log-probs stay raw, T=1).")
+@click.option("--top-p", type=float, default=1.0, show_default=True, help="--mode generate: nucleus sampling.")
+@click.option("--shard-size", type=int, default=1024, show_default=True, help="Input rows per shard (the unit of resume and scale-out).")
+@click.option("--num-workers", type=int, default=1, show_default=True, help="Processes/machines sharing this output directory.")
+@click.option("--worker-index", type=int, default=0, show_default=True, help="This worker's index in [0, num-workers).")
+@click.option("--skip-bad-rows", is_flag=True, help="Skip (and count in the manifest) rows that cannot be used, instead of stopping.")
+@click.option("--dtype", default="auto", show_default=True, help="Teacher dtype: auto, bfloat16, float16, float32.")
+@click.option("--quantization", default=None, help="vLLM quantization method (awq, gptq, ...); detected from the checkpoint if omitted.")
+@click.option("--tensor-parallel-size", type=int, default=1, show_default=True, help="vLLM tensor parallelism (GPUs per teacher).")
+@click.option("--gpu-memory-utilization", type=float, default=0.9, show_default=True, help="vLLM share of GPU memory.")
+@click.option("--max-num-batched-tokens", type=int, default=None, help="vLLM tokens per scheduler step; bounds the full-vocab fp32 log-prob buffer (~10 B x tokens x vocab).")
+@click.option("--max-model-len", type=int, default=None, help="vLLM context length (default: --max-length).")
+@click.option("--enforce-eager/--no-enforce-eager", default=False, show_default=True, help="vLLM: skip graph compilation (faster start, slower steps).")
+@click.option("--zstd-level", type=int, default=3, show_default=True, help="Parquet zstd level.")
+@click.option("--progress/--no-progress", default=True, show_default=True, help="Show a progress bar.")
+def generate_teacher(**options) -> None:
+    """Score DATASET with TEACHER and write its sparse next-token distributions to OUTPUT.
+
+    Writes zstd Parquet shards plus manifest.json. Safe to kill and rerun: finished shards
+    are kept. Split across machines with --num-workers/--worker-index on a shared OUTPUT.
+    """
+    manifest = generate_teacher_cache(GenerateConfig(**options))
+    if manifest is None:
+        click.echo("worker finished; the cache completes when the other workers finish (the last one writes manifest.json)")
+        return
+    from kdcache.cache.stats import format_summary, summarize
+
+    click.echo(format_summary(summarize(options["output"])))

@@ -1,0 +1,64 @@
+"""The contract every teacher backend (vLLM, transformers) fulfils."""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass
+from typing import Iterator, Sequence
+
+from kdcache.cache.records import TeacherScores
+from kdcache.data.example import TokenizedExample
+
+
+@dataclass(frozen=True)
+class ScoringSettings:
+    """What to extract per supervised position.
+
+    Attributes:
+        top_k: number of top log-probs stored per position (0 disables top-k).
+        num_samples: ``N`` draws per position for Random-Sampling KD (0 disables).
+        seed: base seed; draws for a sequence use ``numpy.random.default_rng([seed, seq_id])``
+            so results never depend on batching or worker layout.
+    """
+
+    top_k: int = 64
+    num_samples: int = 0
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class GenerationSettings:
+    """Sampling flags for ``--mode generate`` (sequence-level KD)."""
+
+    max_new_tokens: int = 256
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int = 0
+
+
+class TeacherBackend(abc.ABC):
+    """Scores tokenized sequences with a teacher and returns sparse distributions.
+
+    ``vocab_size`` is the tokenizer's vocabulary (``len(tokenizer)``); ids at or above it
+    (padded logit rows) never appear in results.
+    """
+
+    name: str
+    vocab_size: int
+
+    @abc.abstractmethod
+    def describe(self) -> dict:
+        """Manifest ``teacher`` entry: path/id, revision or config hash, dtype, quantization."""
+
+    @abc.abstractmethod
+    def score(self, examples: Sequence[TokenizedExample], settings: ScoringSettings) -> Iterator[TeacherScores]:
+        """Teacher-forced scoring; yields one result per example, in input order."""
+
+    @abc.abstractmethod
+    def generate(
+        self, examples: Sequence[TokenizedExample], settings: ScoringSettings, gen: GenerationSettings
+    ) -> Iterator[TeacherScores]:
+        """Teacher writes the response after each prompt; generated tokens are the targets."""
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Release the model (GPU memory, engine processes)."""

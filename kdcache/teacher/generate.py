@@ -1,0 +1,329 @@
+"""Stage one end to end: dataset -> teacher -> finished, verifiable cache directory.
+
+Sharding: input row ``seq_id`` belongs to shard ``seq_id // shard_size``; worker ``I`` of
+``W`` fills the shards with ``index % W == I``. A shard is finished when its record file
+exists (see :mod:`kdcache.cache.writer`), so rerunning the same command after a crash skips
+finished shards and rewrites only the missing ones. The last worker to finish writes
+``manifest.json``; until then the directory holds ``run.json`` (the settings) and shards.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+from kdcache import __version__
+from kdcache.cache import format as fmt
+from kdcache.cache.manifest import validate_manifest, write_json_atomic
+from kdcache.cache.quantize import MAX_ABS_ERROR_COARSE, MAX_ABS_ERROR_FINE
+from kdcache.cache.writer import ShardRecord, load_shard_record, write_shard
+from kdcache.errors import KdcacheError
+from kdcache.teacher.base import GenerationSettings, ScoringSettings
+
+WORKERS_DIR = "workers"
+
+
+@dataclass
+class GenerateConfig:
+    """Everything `kdcache generate-teacher` takes. Units: lengths in tokens, shard_size in rows."""
+
+    teacher: str
+    dataset: str
+    output: str
+    backend: str = "auto"
+    top_k: int = 64
+    sampling: str = "none"  # "none" | "random"
+    samples: int = 50
+    seed: int = 0
+    max_length: int = 2048
+    data_format: str | None = None
+    mode: str = "score"  # "score" | "generate"
+    max_new_tokens: int = 256
+    temperature: float = 1.0
+    top_p: float = 1.0
+    shard_size: int = 1024
+    num_workers: int = 1
+    worker_index: int = 0
+    skip_bad_rows: bool = False
+    dtype: str = "auto"
+    quantization: str | None = None
+    tensor_parallel_size: int = 1
+    gpu_memory_utilization: float = 0.9
+    max_num_batched_tokens: int | None = None
+    max_model_len: int | None = None
+    enforce_eager: bool = False
+    zstd_level: int = fmt.ZSTD_LEVEL
+    progress: bool = True
+    engine_options: dict = field(default_factory=dict)
+
+    def check(self) -> None:
+        if self.sampling not in ("none", "random"):
+            raise KdcacheError(f"--sampling must be 'none' or 'random', got {self.sampling!r}")
+        if self.mode not in ("score", "generate"):
+            raise KdcacheError(f"--mode must be 'score' or 'generate', got {self.mode!r}")
+        if self.top_k < 0 or (self.top_k == 0 and self.sampling == "none"):
+            raise KdcacheError("--top-k must be >= 1 (or 0 together with --sampling random)")
+        if self.sampling == "random" and not 1 <= self.samples <= 65535:
+            raise KdcacheError("--samples must be between 1 and 65535")
+        if not 0 <= self.worker_index < self.num_workers:
+            raise KdcacheError(f"--worker-index must be in [0, {self.num_workers}), got {self.worker_index}")
+        if self.shard_size < 1 or self.max_length < 2:
+            raise KdcacheError("--shard-size must be >= 1 and --max-length >= 2")
+
+
+def _hash(payload: dict) -> str:
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
+def _content_settings(cfg: GenerateConfig, teacher_info: dict, tok_fp: dict, dataset_info: dict) -> dict:
+    """Everything that changes what the shards contain; two runs may share a directory only
+    if these match exactly."""
+    return {
+        "format_version": fmt.FORMAT_VERSION,
+        "teacher": {k: teacher_info.get(k) for k in ("model", "config_sha256", "revision", "dtype", "quantization", "backend")},
+        "tokenizer": tok_fp,
+        "top_k": cfg.top_k,
+        "sampling": {"mode": cfg.sampling, "num_samples": cfg.samples if cfg.sampling == "random" else 0, "seed": cfg.seed},
+        "mode": cfg.mode,
+        "generation": _generation(cfg),
+        "dataset": {k: dataset_info[k] for k in ("fingerprint", "format")},
+        "max_length": cfg.max_length,
+        "shard_size": cfg.shard_size,
+    }
+
+
+def _generation(cfg: GenerateConfig) -> dict | None:
+    if cfg.mode != "generate":
+        return None
+    return {"max_new_tokens": cfg.max_new_tokens, "temperature": cfg.temperature, "top_p": cfg.top_p, "seed": cfg.seed}
+
+
+def claim_directory(out: Path, settings: dict) -> None:
+    """Record the run's settings in ``run.json``, or refuse a directory made with other settings."""
+    out.mkdir(parents=True, exist_ok=True)
+    run_path = out / fmt.RUN_NAME
+    payload = {"settings_hash": _hash(settings), "settings": settings, "tool_version": __version__}
+    if not run_path.exists():
+        if any(p for p in out.iterdir() if not p.name.startswith(".")):
+            raise KdcacheError(f"{out}: directory is not empty and holds no kdcache run; choose an empty --output")
+        tmp = out / f".{fmt.RUN_NAME}.tmp-{os.getpid()}"
+        tmp.write_text(json.dumps(payload, indent=2) + "\n")
+        try:
+            os.link(tmp, run_path)  # atomic create-if-absent: concurrent workers race safely
+        except FileExistsError:
+            pass
+        finally:
+            tmp.unlink(missing_ok=True)
+    existing = json.loads(run_path.read_text())
+    if existing.get("settings_hash") != payload["settings_hash"]:
+        old, new = existing.get("settings", {}), settings
+        diffs = [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+        raise KdcacheError(
+            f"{out}: holds a cache made with different settings ({', '.join(diffs)} differ); "
+            "use a new --output directory or rerun with the original settings"
+        )
+
+
+def finalize(out: str | Path) -> dict | None:
+    """Write ``manifest.json`` if every shard of the input is finished; returns it, else None."""
+    out = Path(out)
+    run = json.loads((out / fmt.RUN_NAME).read_text())
+    done_files = sorted((out / WORKERS_DIR).glob("*.json")) if (out / WORKERS_DIR).exists() else []
+    if not done_files:
+        return None
+    done = [json.loads(p.read_text()) for p in done_files]
+    total_rows = done[0]["dataset_rows"]
+    settings = run["settings"]
+    n_shards = math.ceil(total_rows / settings["shard_size"])
+    records: list[ShardRecord] = []
+    for index in range(n_shards):
+        record = load_shard_record(out, index)
+        if record is None:
+            return None
+        records.append(record)
+    meta = done[0]
+    tokens = sum(r.supervised_tokens for r in records)
+    manifest = {
+        "format": fmt.FORMAT_NAME,
+        "format_version": fmt.FORMAT_VERSION,
+        "complete": True,
+        "created_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "tool_version": f"kdcache {__version__}",
+        "teacher": meta["teacher"],
+        "tokenizer": settings["tokenizer"],
+        "top_k": settings["top_k"],
+        "sampling": settings["sampling"],
+        "logprobs": {
+            "mode": "raw",
+            "temperature": 1.0,
+            "quantization": {
+                "scheme": "kdcache-v1-two-zone",
+                "fine_step_nats": 1 / 256,
+                "fine_limit_nats": 9.25,
+                "coarse_step_nats": 1 / 16,
+                "max_abs_error_p_ge_1e-4": MAX_ABS_ERROR_FINE,
+                "max_abs_error_below": MAX_ABS_ERROR_COARSE,
+            },
+        },
+        "mode": settings["mode"],
+        "generation": settings["generation"],
+        "dataset": {**meta["dataset"], "max_length": settings["max_length"], "rows": total_rows},
+        "shard_size": settings["shard_size"],
+        "settings_hash": run["settings_hash"],
+        "shards": [r.to_json() for r in records],
+        "totals": {
+            "sequences": sum(r.rows for r in records),
+            "supervised_tokens": tokens,
+            "skipped_rows": sum(len(r.skipped) for r in records),
+            "bytes": sum(r.bytes for r in records),
+            "shards": len(records),
+            "topk_entries": sum(r.topk_entries for r in records),
+            "sample_entries": sum(r.sample_entries for r in records),
+            "mean_topk_mass": (sum(r.topk_mass_sum for r in records) / tokens) if tokens and settings["top_k"] else None,
+        },
+    }
+    validate_manifest(manifest, out / fmt.MANIFEST_NAME)
+    write_json_atomic(out / fmt.MANIFEST_NAME, manifest)
+    return manifest
+
+
+def _shards_of_rows(rows: Iterator[tuple[int, str, dict]], shard_size: int) -> Iterator[tuple[int, list]]:
+    """Group ``(seq_id, source, row)`` into ``(shard_index, rows)`` by ``seq_id // shard_size``."""
+    current, bucket = -1, []
+    for item in rows:
+        index = item[0] // shard_size
+        if index != current and bucket:
+            yield current, bucket
+            bucket = []
+        current = index
+        bucket.append(item)
+    if bucket:
+        yield current, bucket
+
+
+class _Progress:
+    """tqdm over rows with supervised tokens/s in the postfix (tqdm's ETA is by rows)."""
+
+    def __init__(self, total_rows: int, enabled: bool) -> None:
+        from tqdm.auto import tqdm
+
+        self.bar = tqdm(total=total_rows, unit="row", disable=not enabled, dynamic_ncols=True, file=sys.stderr)
+        self.tokens = 0
+        self.start = time.perf_counter()
+
+    def update(self, rows: int, tokens: int) -> None:
+        self.tokens += tokens
+        elapsed = max(time.perf_counter() - self.start, 1e-9)
+        self.bar.set_postfix_str(f"{self.tokens / elapsed:,.0f} tok/s", refresh=False)
+        self.bar.update(rows)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def generate_teacher_cache(cfg: GenerateConfig) -> dict | None:
+    """Run stage one for this worker; returns the manifest if the cache is complete afterwards."""
+    from transformers import AutoTokenizer
+
+    from kdcache.data import SkippedRow, open_dataset, tokenize_rows
+    from kdcache.teacher.loading import make_backend, resolve_teacher, teacher_description, tokenizer_fingerprint
+
+    cfg.check()
+    out = Path(cfg.output)
+    teacher_dir = resolve_teacher(cfg.teacher)
+    tokenizer = AutoTokenizer.from_pretrained(teacher_dir)
+    dataset = open_dataset(cfg.dataset, fmt=cfg.data_format)
+    dataset_info = dataset.describe() | {"fingerprint": dataset.fingerprint()}
+    backend_name = cfg.backend
+    if backend_name == "auto":
+        backend_name = "vllm" if _vllm_importable() else "hf"
+    teacher_info = teacher_description(cfg.teacher, teacher_dir, dtype=cfg.dtype, quantization=cfg.quantization)
+    teacher_info["backend"] = backend_name
+    settings = _content_settings(cfg, teacher_info, tokenizer_fingerprint(tokenizer), dataset_info)
+    claim_directory(out, settings)
+
+    # Pass 1 (cheap, no tokenization): how many rows, hence shards, does this worker own?
+    total_rows = sum(1 for _ in dataset.rows())
+    n_shards = math.ceil(total_rows / cfg.shard_size)
+    mine = [i for i in range(n_shards) if i % cfg.num_workers == cfg.worker_index]
+    todo = {i for i in mine if load_shard_record(out, i) is None}
+    todo_rows = sum(min(cfg.shard_size, total_rows - i * cfg.shard_size) for i in todo)
+
+    backend = None
+    scoring = ScoringSettings(top_k=cfg.top_k, num_samples=cfg.samples if cfg.sampling == "random" else 0, seed=cfg.seed)
+    generation = GenerationSettings(cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.seed)
+    progress = _Progress(todo_rows, cfg.progress)
+    try:
+        for index, rows in _shards_of_rows(dataset.rows(), cfg.shard_size):
+            if index not in todo:
+                continue
+            if backend is None:
+                backend = make_backend(backend_name, teacher_dir, **_engine_options(cfg))
+            examples, skipped = [], []
+            for item in tokenize_rows(
+                rows, tokenizer, max_length=cfg.max_length, fmt=dataset_info["format"],
+                skip_bad_rows=cfg.skip_bad_rows, prompt_only=cfg.mode == "generate",
+            ):
+                if isinstance(item, SkippedRow):
+                    skipped.append({"seq_id": item.seq_id, "source": item.source, "reason": item.reason})
+                else:
+                    examples.append(item)
+            if cfg.mode == "generate":
+                stream = backend.generate(examples, scoring, generation)
+            else:
+                stream = backend.score(examples, scoring)
+            results = []
+            for result in stream:
+                results.append(result)
+                progress.update(1, result.num_targets)
+            progress.update(len(skipped), 0)
+            write_shard(out, index, results, cfg.top_k, skipped=skipped, zstd_level=cfg.zstd_level)
+    finally:
+        progress.close()
+        if backend is not None:
+            backend.close()
+
+    (out / WORKERS_DIR).mkdir(exist_ok=True)
+    write_json_atomic(
+        out / WORKERS_DIR / f"worker-{cfg.worker_index}-of-{cfg.num_workers}.json",
+        {
+            "dataset_rows": total_rows,
+            "teacher": teacher_info,
+            "dataset": {k: dataset_info[k] for k in ("source", "format", "fingerprint")},
+            "finished_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        },
+    )
+    return finalize(out)
+
+
+def _engine_options(cfg: GenerateConfig) -> dict:
+    options = {
+        "dtype": cfg.dtype,
+        "quantization": cfg.quantization,
+        "tensor_parallel_size": cfg.tensor_parallel_size,
+        "gpu_memory_utilization": cfg.gpu_memory_utilization,
+        "max_num_batched_tokens": cfg.max_num_batched_tokens,
+        "max_model_len": cfg.max_model_len or cfg.max_length + (cfg.max_new_tokens if cfg.mode == "generate" else 0),
+        "enforce_eager": cfg.enforce_eager,
+        "max_logprobs": cfg.top_k,
+    }
+    options.update(cfg.engine_options)
+    return options
+
+
+def _vllm_importable() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("vllm") is not None
+
+
+def config_to_dict(cfg: GenerateConfig) -> dict:
+    return asdict(cfg)

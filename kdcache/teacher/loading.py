@@ -1,0 +1,240 @@
+"""Find a teacher (HF dir, hub id, GGUF file, quantized checkpoint) and build its backend."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from kdcache.errors import KdcacheError
+from kdcache.teacher.base import TeacherBackend
+
+logger = logging.getLogger("kdcache")
+
+# Options that only the vLLM engine understands; the HF backend ignores them.
+VLLM_ONLY_OPTIONS = (
+    "quantization",
+    "tensor_parallel_size",
+    "gpu_memory_utilization",
+    "max_num_batched_tokens",
+    "max_model_len",
+    "enforce_eager",
+)
+
+
+@dataclass(frozen=True)
+class ResolvedTeacher:
+    """A teacher located on local disk.
+
+    Attributes:
+        spec: what the user passed (path, hub id or ``.gguf`` file).
+        path: local HF directory with ``config.json`` and the tokenizer.
+        source: ``"dir"``, ``"hub"`` or ``"gguf"``.
+        revision: hub commit hash (hub models only).
+        gguf_sha256: content hash of the GGUF file (GGUF teachers only).
+        quantization: ``quantization_config.quant_method`` from ``config.json`` (e.g. ``"awq"``,
+            ``"gptq"``, ``"compressed-tensors"``), or None for a plain checkpoint.
+    """
+
+    spec: str
+    path: Path
+    source: str
+    revision: str | None = None
+    gguf_sha256: str | None = None
+    quantization: str | None = None
+    extra: dict = field(default_factory=dict)
+
+
+def read_config(model_dir: str | Path) -> dict:
+    """The parsed ``config.json`` of an HF directory."""
+    path = Path(model_dir) / "config.json"
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise KdcacheError(f"{model_dir}: not a Hugging Face model directory (no config.json)") from None
+    except (OSError, ValueError) as exc:
+        raise KdcacheError(f"{path}: unreadable config.json ({exc})") from None
+
+
+def quantization_method(config: dict) -> str | None:
+    """``quant_method`` of a checkpoint's ``quantization_config`` (top level or ``text_config``)."""
+    for scope in (config, config.get("text_config") or {}):
+        qcfg = scope.get("quantization_config") or scope.get("compression_config")
+        if isinstance(qcfg, dict):
+            return str(qcfg.get("quant_method") or qcfg.get("format") or "unknown")
+    return None
+
+
+def resolve_teacher(spec: str | Path, revision: str | None = None, cache_dir: str | Path | None = None) -> ResolvedTeacher:
+    """Turn a teacher spec into a local HF directory.
+
+    Accepts an HF directory, a ``.gguf`` file (dequantized once via
+    ``kdcache.teacher.gguf.convert_gguf_to_hf``, cached by content hash) or a hub id
+    (needs network or a populated HF cache). Quantized checkpoints (AWQ, GPTQ,
+    compressed-tensors) load as they are; their method is recorded.
+
+    Raises:
+        KdcacheError: one line naming the spec when it cannot be found or read.
+    """
+    text = str(spec)
+    path = Path(text).expanduser()
+    if path.is_dir():
+        config = read_config(path)
+        return ResolvedTeacher(text, path.resolve(), "dir", quantization=quantization_method(config))
+    if text.lower().endswith(".gguf") or path.is_file():
+        return _resolve_gguf(path, cache_dir)
+    if text.startswith((".", "/", "~")) or text.count("/") > 1 or "\\" in text:
+        raise KdcacheError(f"model '{text}' not found: no such local directory or file")
+    return _resolve_hub(text, revision)
+
+
+def _resolve_gguf(path: Path, cache_dir: str | Path | None) -> ResolvedTeacher:
+    from kdcache.teacher.gguf import convert_gguf_to_hf, file_sha256
+
+    if not path.is_file():
+        raise KdcacheError(f"{path}: GGUF file not found (pass an existing .gguf file)")
+    try:
+        import gguf
+
+        gguf.GGUFReader(str(path))  # header and tensor table: catches truncation early
+    except KdcacheError:
+        raise
+    except Exception as exc:  # the reader raises ValueError, IndexError, struct errors...
+        first = (str(exc).splitlines() or [""])[0][:200]
+        raise KdcacheError(
+            f"{path}: not a readable GGUF file ({type(exc).__name__}: {first}); the file is corrupt or truncated"
+        ) from None
+    target = convert_gguf_to_hf(path, cache_dir)
+    return ResolvedTeacher(
+        str(path), target, "gguf", gguf_sha256=file_sha256(path), quantization=None,
+        extra={"gguf_file": str(path.resolve())},
+    )
+
+
+def _resolve_hub(repo_id: str, revision: str | None) -> ResolvedTeacher:
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError:  # pragma: no cover - transformers depends on it
+        raise KdcacheError(f"model '{repo_id}' not found: not a local directory and huggingface_hub is missing") from None
+    patterns = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.py", "*.tiktoken"]
+    local = None
+    for offline in (True, False):  # a populated HF cache works without network
+        try:
+            local = snapshot_download(repo_id, revision=revision, allow_patterns=patterns, local_files_only=offline)
+            break
+        except Exception:  # noqa: BLE001 - the hub client raises many types
+            continue
+    if local is None or not (Path(local) / "config.json").exists():
+        raise KdcacheError(
+            f"model '{repo_id}' not found: not a local directory and the hub is unreachable/has no such model"
+        )
+    config = read_config(local)
+    return ResolvedTeacher(
+        repo_id, Path(local), "hub", revision=Path(local).name, quantization=quantization_method(config)
+    )
+
+
+def tokenizer_fingerprint(tokenizer: Any) -> dict:
+    """What must match between the cache's teacher and a student's tokenizer.
+
+    Returns:
+        ``{"vocab_size", "vocab_sha256", "special_tokens", "special_ids", "chat_template_sha256"}``:
+        ``vocab_size`` is ``len(tokenizer)`` (added tokens included); ``vocab_sha256`` hashes
+        the token->id mapping sorted by id; the template hash is None without a template.
+    """
+    vocab = tokenizer.get_vocab()
+    canonical = json.dumps(sorted(vocab.items(), key=lambda kv: (kv[1], kv[0])), ensure_ascii=False)
+    special = {
+        name: getattr(tokenizer, name, None)
+        for name in ("bos_token", "eos_token", "pad_token", "unk_token")
+        if getattr(tokenizer, name, None) is not None
+    }
+    template = getattr(tokenizer, "chat_template", None)
+    if isinstance(template, dict):  # named templates
+        template = json.dumps(template, sort_keys=True)
+    return {
+        "vocab_size": len(tokenizer),
+        "vocab_sha256": hashlib.sha256(canonical.encode("utf-8")).hexdigest(),
+        "special_tokens": {k: str(v) for k, v in special.items()},
+        "special_ids": sorted(int(i) for i in tokenizer.all_special_ids),
+        "chat_template_sha256": hashlib.sha256(template.encode("utf-8")).hexdigest() if template else None,
+    }
+
+
+def teacher_description(teacher: ResolvedTeacher | str | Path, dtype: str, backend: str | None = None) -> dict:
+    """Manifest ``teacher`` entry.
+
+    Returns:
+        ``{"spec", "path", "source", "revision", "config_sha256", "gguf_sha256", "dtype",
+        "quantization", "architecture", "model_vocab_size"}`` (+ ``"backend"`` when given);
+        ``revision`` is the hub commit or None; ``config_sha256`` hashes ``config.json``'s bytes.
+    """
+    resolved = teacher if isinstance(teacher, ResolvedTeacher) else resolve_local(teacher)
+    config_bytes = (resolved.path / "config.json").read_bytes()
+    config = json.loads(config_bytes)
+    text_config = config.get("text_config") or {}
+    desc = {
+        "spec": resolved.spec,
+        "path": str(resolved.path),
+        "source": resolved.source,
+        "revision": resolved.revision,
+        "config_sha256": hashlib.sha256(config_bytes).hexdigest(),
+        "gguf_sha256": resolved.gguf_sha256,
+        "dtype": str(dtype),
+        "quantization": resolved.quantization,
+        "architecture": (config.get("architectures") or [None])[0],
+        "model_vocab_size": config.get("vocab_size", text_config.get("vocab_size")),
+    }
+    if backend is not None:
+        desc["backend"] = backend
+    return desc
+
+
+def resolve_local(teacher_dir: str | Path) -> ResolvedTeacher:
+    """A ``ResolvedTeacher`` for an existing HF directory (no conversion, no network)."""
+    path = Path(teacher_dir)
+    return ResolvedTeacher(str(teacher_dir), path.resolve(), "dir", quantization=quantization_method(read_config(path)))
+
+
+def make_backend(
+    name: str, teacher_dir: ResolvedTeacher | str | Path, dtype: str = "auto", **engine_options: Any
+) -> TeacherBackend:
+    """Build a teacher backend.
+
+    Args:
+        name: ``"vllm"``, ``"hf"`` or ``"auto"`` (vLLM when importable and the engine starts,
+            else transformers, with a one-line warning).
+        teacher_dir: a local HF directory or a ``ResolvedTeacher``.
+        dtype: ``"auto"`` (the checkpoint's), ``"float32"``, ``"bfloat16"``, ``"float16"``.
+        engine_options: vLLM engine options (``quantization``, ``tensor_parallel_size``,
+            ``gpu_memory_utilization``, ``max_num_batched_tokens``, ``max_model_len``,
+            ``enforce_eager``, ...); options the HF backend does not know are dropped for it.
+    """
+    teacher = teacher_dir if isinstance(teacher_dir, ResolvedTeacher) else resolve_local(teacher_dir)
+    if name not in ("vllm", "hf", "auto"):
+        raise KdcacheError(f"unknown teacher backend '{name}' (use vllm, hf or auto)")
+    if name in ("vllm", "auto"):
+        try:
+            from kdcache.teacher.vllm_backend import VLLMBackend
+        except ImportError as exc:
+            if name == "vllm":
+                raise KdcacheError(f"backend 'vllm' needs vLLM installed ({exc})") from None
+            logger.warning("vLLM is not importable (%s); using the transformers backend", exc)
+        else:
+            try:
+                return VLLMBackend(teacher, dtype=dtype, **engine_options)
+            except KdcacheError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - engine start fails in many ways
+                if name == "vllm":
+                    raise
+                first = (str(exc).splitlines() or [""])[0][:200]
+                logger.warning("vLLM could not load the teacher (%s: %s); using the transformers backend",
+                               type(exc).__name__, first)
+    from kdcache.teacher.hf_backend import HFBackend
+
+    hf_options = {k: v for k, v in engine_options.items() if k not in VLLM_ONLY_OPTIONS}
+    return HFBackend(teacher, dtype=dtype, **hf_options)

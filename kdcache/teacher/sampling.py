@@ -1,0 +1,97 @@
+"""Backend-independent numerics on per-position distributions: real-vocab top-k and draws.
+
+Both backends funnel their log-probabilities through these functions, so the two produce
+results with the same semantics (same padded-id rule, same random stream per sequence).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def select_real_topk(
+    cand_ids: np.ndarray, cand_logprobs: np.ndarray, vocab_size: int, k: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Keep, per row, the first ``k`` candidates whose id is a real token (``< vocab_size``).
+
+    Args:
+        cand_ids: int ``[S, K]`` candidate ids per row, by descending log-prob (``K >= k``).
+        cand_logprobs: float ``[S, K]`` their log-probs.
+        vocab_size: tokenizer vocabulary size; larger ids are padded logit rows.
+        k: entries to keep.
+
+    Returns:
+        ``(ids int32 [S, k], logprobs float32 [S, k], complete bool [S])``; rows where
+        ``complete`` is False had fewer than ``k`` real candidates and hold garbage beyond
+        them (the caller must re-request those rows with a larger ``K``).
+    """
+    real = cand_ids < vocab_size
+    if real[:, :k].all():
+        return (
+            cand_ids[:, :k].astype(np.int32, copy=False),
+            cand_logprobs[:, :k].astype(np.float32, copy=False),
+            np.ones(cand_ids.shape[0], dtype=bool),
+        )
+    # A stable sort on "is padded" moves real candidates to the front, keeping their order.
+    order = np.argsort(~real, axis=1, kind="stable")[:, :k]
+    ids = np.take_along_axis(cand_ids, order, axis=1).astype(np.int32)
+    lps = np.take_along_axis(cand_logprobs, order, axis=1).astype(np.float32)
+    return ids, lps, real.sum(axis=1) >= k
+
+
+def draw_counts(
+    rng: np.random.Generator, logprobs: np.ndarray, num_samples: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Draw ``num_samples`` tokens with replacement from each row's distribution.
+
+    Exact inverse-CDF sampling in float64 over the full row. Row ``r`` consumes the
+    ``r``-th row of ``rng.random((R, num_samples))``, so calling this on consecutive slices of
+    a sequence's positions with the same generator gives the same draws as one call.
+
+    Args:
+        rng: the sequence's generator (``numpy.random.default_rng([seed, seq_id])``).
+        logprobs: float ``[R, V]`` log-probs over the real vocabulary (any normalization:
+            rows are renormalized in float64; ``-inf`` entries are never drawn).
+        num_samples: draws per row, ``N >= 1``.
+
+    Returns:
+        ``(offsets int32 [R + 1], ids int32 [M], counts int32 [M])``: row ``r`` owns
+        ``ids[offsets[r]:offsets[r+1]]``, unique and ascending, whose counts sum to ``N``.
+    """
+    rows, vocab = logprobs.shape
+    uniforms = rng.random((rows, num_samples))
+    lp = np.asarray(logprobs, dtype=np.float64)
+    probs = np.exp(lp - lp.max(axis=1, keepdims=True))
+    cdf = np.cumsum(probs, axis=1)
+    cdf /= cdf[:, -1:]  # last entry becomes exactly 1.0, and uniforms are < 1
+    draws = np.empty((rows, num_samples), dtype=np.int64)
+    for r in range(rows):
+        # side="right" skips zero-probability ids, whose CDF step is empty.
+        draws[r] = np.searchsorted(cdf[r], uniforms[r], side="right")
+    np.minimum(draws, vocab - 1, out=draws)
+    keys = (np.arange(rows, dtype=np.int64)[:, None] * vocab + draws).ravel()
+    unique, counts = np.unique(keys, return_counts=True)
+    owner = unique // vocab
+    offsets = np.searchsorted(owner, np.arange(rows + 1), side="left").astype(np.int32)
+    return offsets, (unique % vocab).astype(np.int32), counts.astype(np.int32)
+
+
+def concat_samples(parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]]) -> tuple[np.ndarray, ...]:
+    """Join consecutive ``draw_counts`` results of one sequence into one ``(offsets, ids, counts)``."""
+    if len(parts) == 1:
+        return parts[0]
+    offsets = [np.zeros(1, dtype=np.int64)]
+    base = 0
+    for off, _, _ in parts:
+        offsets.append(off[1:].astype(np.int64) + base)
+        base += int(off[-1])
+    return (
+        np.concatenate(offsets).astype(np.int32),
+        np.concatenate([p[1] for p in parts]).astype(np.int32),
+        np.concatenate([p[2] for p in parts]).astype(np.int32),
+    )
+
+
+def sequence_rng(seed: int, seq_id: int) -> np.random.Generator:
+    """The generator that owns all random draws of one sequence."""
+    return np.random.default_rng([seed, seq_id])

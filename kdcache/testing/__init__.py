@@ -1,0 +1,1 @@
+"""Builders for small real models used by the tests, benchmarks and the offline demo."""
