@@ -27,15 +27,16 @@ MAX_ABS_ERROR_COARSE = COARSE_STEP / 2
 
 def quantize_logprobs(logprobs: np.ndarray) -> np.ndarray:
     """Map natural-log probabilities (any shape, <= 0; -inf allowed) to uint16 codes."""
-    neg = np.negative(np.asarray(logprobs, dtype=np.float32))
-    np.maximum(neg, 0.0, out=neg)
-    fine = neg * np.float32(1.0 / FINE_STEP)
-    # coarse bin j covers (9.25 + j/16, 9.25 + (j+1)/16] and is code 2369 + j
-    coarse = np.floor((neg - np.float32(FINE_LIMIT)) * np.float32(1.0 / COARSE_STEP)) + np.float32(FINE_CODES + 1)
-    codes = np.where(neg <= FINE_LIMIT, np.rint(fine), coarse)
-    np.clip(codes, 0, MAX_CODE, out=codes)  # +inf (p = 0) -> MAX_CODE; NaN -> 0 below
-    codes[np.isnan(codes)] = MAX_CODE
-    return codes.astype(np.uint16)
+    scaled = np.multiply(np.asarray(logprobs, dtype=np.float32), np.float32(-1.0 / FINE_STEP))
+    coarse_at = np.flatnonzero(scaled.reshape(-1) > FINE_CODES)  # a minority: handled on the subset
+    coarse_scaled = scaled.reshape(-1)[coarse_at]
+    np.rint(scaled, out=scaled)
+    np.clip(scaled, 0, MAX_CODE, out=scaled)  # lp slightly > 0 from rounding -> 0; -inf -> MAX_CODE
+    if coarse_at.size:
+        # coarse bin j covers (9.25 + j/16, 9.25 + (j+1)/16] and is code 2369 + j
+        bins = np.floor(coarse_scaled * np.float32(FINE_STEP / COARSE_STEP) - np.float32(FINE_LIMIT / COARSE_STEP))
+        scaled.reshape(-1)[coarse_at] = np.minimum(bins + (FINE_CODES + 1), MAX_CODE)
+    return scaled.astype(np.uint16)
 
 
 def dequantize_logprobs(codes: np.ndarray) -> np.ndarray:

@@ -88,11 +88,12 @@ def encode_topk(topk_ids: np.ndarray, topk_logprobs: np.ndarray) -> tuple[np.nda
     id_table = present[np.argsort(-counts[present], kind="stable")].astype(np.uint32)
     code_of = np.zeros(counts.shape[0], dtype=np.uint32)
     code_of[id_table] = np.arange(id_table.shape[0], dtype=np.uint32)
-    q = quantize_logprobs(topk_logprobs).astype(np.int32)
-    # Codes are non-decreasing along each row only if the input is sorted; enforce it so a
-    # backend returning ties in another order cannot produce negative gaps.
-    q = np.maximum.accumulate(q, axis=1)
-    gaps = np.diff(q, axis=1, prepend=0).astype(np.uint16)
+    q = quantize_logprobs(topk_logprobs)
+    gaps = np.empty_like(q)
+    gaps[:, 0] = q[:, 0]
+    np.subtract(q[:, 1:], q[:, :-1], out=gaps[:, 1:])
+    if (q[:, 1:] < q[:, :-1]).any():
+        raise KdcacheError("top-k log-probs must be sorted in descending order per position (backend bug)")
     return np.ascontiguousarray(code_of[ids], dtype="<u4"), np.ascontiguousarray(gaps.reshape(-1), dtype="<u2"), id_table
 
 
