@@ -48,6 +48,14 @@ def tok():
 
 
 @pytest.fixture(scope="module")
+def tok_nogen(tok):
+    """The tiny tokenizer with the {% generation %} markers stripped from its template."""
+    plain = copy.deepcopy(tok)
+    plain.chat_template = tok.chat_template.replace("{% generation %}", "").replace("{% endgeneration %}", "")
+    return plain
+
+
+@pytest.fixture(scope="module")
 def smol(smollm2_dir):
     """The real SmolLM2-135M-Instruct tokenizer (template without generation markers)."""
     from transformers import AutoTokenizer
@@ -264,12 +272,20 @@ def test_corrupt_parquet(tmp_path):
     garbage.write_bytes(b"PAR1 but not really" * 10)
     with pytest.raises(KdcacheError, match=r"g\.parquet: not a readable Parquet file"):
         list(open_dataset(garbage).rows())
-    good = write_parquet(tmp_path / "t.parquet", ROWS * 100)
+    rng = np.random.default_rng(0)
+    words = np.array(["fox", "dog", "cat", "the", "a", "jumps", "over", "lazy"])
+    rows = [{"text": " ".join(rng.choice(words, 20))} for _ in range(3000)]
+    good = write_parquet(tmp_path / "t.parquet", rows, row_group_size=500)
     blob = bytearray(good.read_bytes())
-    blob[100:400] = b"\xff" * 300  # smash data pages, keep the footer
+    middle = len(blob) // 2
+    blob[middle : middle + 200] = b"\xff" * 200  # smash a data page mid-file, keep the footer
     good.write_bytes(bytes(blob))
-    with pytest.raises(KdcacheError, match=r"t\.parquet: corrupt Parquet data after row 0"):
-        list(open_dataset(good).rows())
+    got = []
+    with pytest.raises(KdcacheError) as info:
+        for _, source, _ in open_dataset(good).rows():
+            got.append(source)
+    assert str(info.value).startswith(f"{good}: corrupt Parquet data after row {len(got)} (")
+    assert 0 < len(got) < 3000 and got[-1] == f"{good}:{len(got)}"
 
 
 # ----------------------------------------------------------------------------- detection
@@ -366,6 +382,17 @@ def test_messages_tiny_generation_mask_matches_prefix_method(tok):
     assert ids == ex.input_ids.tolist() and targets == ex.target_positions.tolist()
 
 
+def test_messages_prefix_method_on_tiny_template_without_markers(tok, tok_nogen):
+    assert not RowTokenizer(tok_nogen, None).has_generation_markers
+    for messages in (CHAT, CHAT[1:3]):
+        masked, prefixed = one(tok, {"messages": messages}), one(tok_nogen, {"messages": messages})
+        assert np.array_equal(masked.input_ids, prefixed.input_ids)
+        assert np.array_equal(masked.target_positions, prefixed.target_positions)
+    # an assistant-first conversation has no prefix to render: a bad row on this path
+    message = bad(tok_nogen, {"messages": [{"role": "assistant", "content": "hi"}]})
+    assert "messages[0] is an assistant turn" in message
+
+
 def test_messages_smollm2_prefix_masking(smol):
     encoder = RowTokenizer(smol, None)
     assert not encoder.has_generation_markers  # the real template has no {% generation %}
@@ -446,8 +473,7 @@ def test_prompt_only(tok):
         ({"messages": [{"role": "user", "content": ["a"]}]}, None, "messages[0] (user) needs a string 'content', got list"),
         ({"messages": [{"role": "user", "content": "hi"}]}, None, "no assistant turn"),
         ({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": " "}]}, None, "messages[1] (assistant) has empty"),
-        ({"messages": [{"role": "assistant", "content": "hi"}]}, None, "messages[0] is an assistant turn"),
-        ({"text": "fox"}, None, "no supervised tokens"),
+        ({"text": "x"}, None, "no supervised tokens (nothing to learn"),
         ({"prompt": "p"}, "text", "field 'text' is missing (format 'text'"),
     ],
 )

@@ -151,7 +151,8 @@ def parse_row(row: Mapping[str, Any], fmt: str, source: str, need_response: bool
     if fmt == ALPACA:
         instruction = _nonempty_str(row, "instruction", fmt, source)
         input_text = _optional_str(row, "input", fmt, source)
-        output = _nonempty_str(row, "output", fmt, source) if need_response else _optional_str(row, "output", fmt, source)
+        get_output = _nonempty_str if need_response else _optional_str
+        output = get_output(row, "output", fmt, source)
         prompt, user = alpaca_prompt(instruction, input_text)
         return PairRow(prompt, output, user)
     if fmt == MESSAGES:
@@ -193,13 +194,17 @@ def _messages(row: Mapping[str, Any], source: str, need_assistant: bool) -> list
     if messages is None:
         raise _missing(row, "messages", MESSAGES, source)
     if not isinstance(messages, (list, tuple)):
-        raise BadRowError(source, f"field 'messages' must be a list of {{role, content}} objects, got {_type_name(messages)}")
+        raise BadRowError(
+            source, f"field 'messages' must be a list of {{role, content}} objects, got {_type_name(messages)}"
+        )
     if not messages:
         raise BadRowError(source, "field 'messages' is an empty list")
     out = []
     for j, message in enumerate(messages):
         if not isinstance(message, Mapping):
-            raise BadRowError(source, f"messages[{j}] must be an object with 'role' and 'content', got {_type_name(message)}")
+            raise BadRowError(
+                source, f"messages[{j}] must be an object with 'role' and 'content', got {_type_name(message)}"
+            )
         role, content = message.get("role"), message.get("content")
         if not isinstance(role, str) or not role:
             raise BadRowError(source, f"messages[{j}] has no string 'role'")

@@ -10,7 +10,8 @@ File-level problems (missing, unreadable, corrupt ``.zst`` / Parquet) raise
 :class:`~kdcache.errors.KdcacheError` naming the path.
 
 Nothing here loads a whole file: JSONL is read line by line, ``.jsonl.zst`` is decompressed
-in 256 KiB chunks, Parquet by record batches, ``datasets`` directories through their
+as a stream (256 KiB of output at a time, after a cheap walk over its frame headers that
+catches truncation), Parquet by record batches, ``datasets`` directories through their
 memory-mapped Arrow files, hub datasets with ``streaming=True``.
 """
 
@@ -33,7 +34,7 @@ PARQUET_SUFFIXES = (".parquet",)
 SUPPORTED_SUFFIXES = JSONL_SUFFIXES + ZST_SUFFIXES + PARQUET_SUFFIXES
 _SUPPORTED_TEXT = ".jsonl, .jsonl.zst, .parquet"
 
-_READ_CHUNK = 1 << 18  # compressed bytes per read from a .zst file
+_READ_CHUNK = 1 << 18  # decompressed bytes per read from a .zst file
 _PARQUET_BATCH = 1024  # rows per Parquet record batch
 _BOM = b"\xef\xbb\xbf"
 
@@ -90,28 +91,64 @@ def iter_jsonl(path: str | os.PathLike) -> Iterator[SourceRow]:
             raise KdcacheError(f"{path}: read error ({exc.strerror or exc})") from None
 
 
+_ZSTD_MAGIC = 0xFD2FB528
+_FCS_BYTES = (0, 2, 4, 8)  # frame content size field, by FCS flag (flag 0: 1 byte if single-segment)
+_DICT_BYTES = (0, 1, 2, 4)
+
+
+def check_zstd_frames(handle, path: str) -> None:
+    """Walk the frame and block headers of a zstd file (cheap: seeks, reads 3 bytes a block).
+
+    The streaming decoder stops silently at the end of a truncated file, so truncation is
+    caught here, before any row is read. Raises KdcacheError naming ``path``.
+    """
+    size = os.fstat(handle.fileno()).st_size
+    pos = 0
+
+    def read_at(offset: int, count: int) -> bytes:
+        handle.seek(offset)
+        data = handle.read(count)
+        if len(data) < count:
+            raise KdcacheError(f"{path}: zstd stream is truncated (the file is incomplete); re-create the file")
+        return data
+
+    while pos < size:
+        magic = int.from_bytes(read_at(pos, 4), "little")
+        if 0x184D2A50 <= magic <= 0x184D2A5F:  # skippable frame
+            pos += 8 + int.from_bytes(read_at(pos + 4, 4), "little")
+            continue
+        if magic != _ZSTD_MAGIC:
+            raise KdcacheError(f"{path}: corrupt zstd data (no zstd frame at byte {pos}); re-create the file")
+        fhd = read_at(pos + 4, 1)[0]
+        single = (fhd >> 5) & 1
+        fcs = _FCS_BYTES[fhd >> 6] or single
+        pos += 5 + (1 - single) + _DICT_BYTES[fhd & 3] + fcs
+        last = 0
+        while not last:
+            header = int.from_bytes(read_at(pos, 3), "little")
+            last, kind, block_size = header & 1, (header >> 1) & 3, header >> 3
+            if kind == 3:
+                raise KdcacheError(f"{path}: corrupt zstd data (bad block header at byte {pos}); re-create the file")
+            pos += 3 + (1 if kind == 1 else block_size)
+        pos += 4 * ((fhd >> 2) & 1)  # content checksum
+    if pos > size:
+        raise KdcacheError(f"{path}: zstd stream is truncated (the file is incomplete); re-create the file")
+    handle.seek(0)
+
+
 def _zst_chunks(handle, path: str) -> Iterator[bytes]:
-    """Decompressed bytes of a (possibly multi-frame) zstd stream; errors name ``path``."""
+    """Decompressed bytes of a (possibly multi-frame) zstd file, at most 256 KiB at a time."""
     import zstandard
 
-    dctx = zstandard.ZstdDecompressor()
-    dobj, fed = dctx.decompressobj(), False
+    check_zstd_frames(handle, path)
+    reader = zstandard.ZstdDecompressor().stream_reader(handle, read_across_frames=True, closefd=False)
     try:
-        while block := handle.read(_READ_CHUNK):
-            while block:
-                if dobj.eof:  # previous frame ended: the rest starts a new frame
-                    dobj, fed = dctx.decompressobj(), False
-                out = dobj.decompress(block)
-                fed = True
-                block = dobj.unused_data if dobj.eof else b""
-                if out:
-                    yield out
+        while block := reader.read(_READ_CHUNK):
+            yield block
     except zstandard.ZstdError as exc:
         raise KdcacheError(f"{path}: corrupt zstd data ({exc}); re-create the file") from None
     except OSError as exc:
         raise KdcacheError(f"{path}: read error ({exc.strerror or exc})") from None
-    if fed and not dobj.eof:
-        raise KdcacheError(f"{path}: zstd stream is truncated (the file is incomplete); re-create the file")
 
 
 def _split_lines(chunks: Iterator[bytes]) -> Iterator[bytes]:
@@ -167,8 +204,12 @@ def iter_file(path: str | os.PathLike) -> Iterator[SourceRow]:
 
 
 def _first_line(exc: BaseException) -> str:
+    """``"Type: first line of the message"``, printable and at most ~200 characters."""
     text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0][:200]}" if text else type(exc).__name__
+    if not text:
+        return type(exc).__name__
+    line = "".join(c if c.isprintable() else repr(c)[1:-1] for c in text[0][:200])
+    return f"{type(exc).__name__}: {line}"
 
 
 # ----------------------------------------------------------------------------- datasets

@@ -196,13 +196,16 @@ class RowTokenizer:
             if message["role"] != "assistant":
                 continue
             if j == 0:
-                raise BadRowError(source, "messages[0] is an assistant turn; a conversation must start with a system or user turn")
+                raise BadRowError(
+                    source, "messages[0] is an assistant turn; a conversation must start with a system or user turn"
+                )
             start = self._render_ids(messages[:j], True, source)
             end = self._render_ids(messages[: j + 1], False, source)
             for prefix, what in ((start, f"messages[:{j}] + generation prompt"), (end, f"messages[:{j + 1}]")):
                 if full[: len(prefix)] != prefix:
                     raise BadRowError(
-                        source, f"chat template is not prefix-stable: {what} is not a token prefix of the whole conversation",
+                        source,
+                        f"chat template is not prefix-stable: {what} is not a token prefix of the whole conversation",
                         hint=_PREFIX_HINT,
                     )
             targets.extend(self._trim_turn_end(full, len(start), len(end)))
@@ -225,7 +228,8 @@ class RowTokenizer:
             text = self.tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
         except Exception as exc:  # jinja raise_exception, bad roles, ...
             detail = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
-            raise BadRowError(source, f"the chat template rejected the conversation: {detail}", hint=_TEMPLATE_HINT) from None
+            problem = f"the chat template rejected the conversation: {detail}"
+            raise BadRowError(source, problem, hint=_TEMPLATE_HINT) from None
         return self._encode(text, False)
 
     # ------------------------------------------------------------------ helpers

@@ -278,14 +278,14 @@ def gather_student_logprobs(
     lse = torch.logsumexp(z, dim=-1, keepdim=True)
     out = StudentLogProbs()
     if config.needs_topk:
-        out.topk = z.gather(1, targets.topk_ids) - lse
+        out.topk = z.gather(1, targets.topk_ids.long()) - lse
     if config.needs_tail:
-        outside = z.scatter(1, targets.topk_ids, float("-inf"))
+        outside = z.scatter(1, targets.topk_ids.long(), float("-inf"))
         out.tail = torch.logsumexp(outside, dim=-1) - lse[:, 0]
     if config.needs_samples:
-        out.samples = z.gather(1, targets.sample_ids.clamp(min=0)) - lse
+        out.samples = z.gather(1, targets.sample_ids.long().clamp(min=0)) - lse
     if gold_ids is not None:
-        out.gold = z.gather(1, gold_ids[:, None])[:, 0] - lse[:, 0]
+        out.gold = z.gather(1, gold_ids.long()[:, None])[:, 0] - lse[:, 0]
     return out
 
 

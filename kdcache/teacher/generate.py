@@ -251,7 +251,9 @@ def generate_teacher_cache(cfg: GenerateConfig) -> dict | None:
     claim_directory(out, settings)
 
     # Pass 1 (cheap, no tokenization): how many rows, hence shards, does this worker own?
-    total_rows = sum(1 for _ in dataset.rows())
+    total_rows = dataset.num_rows_hint()
+    if total_rows is None:
+        total_rows = sum(1 for _ in dataset.rows())
     n_shards = math.ceil(total_rows / cfg.shard_size)
     mine = [i for i in range(n_shards) if i % cfg.num_workers == cfg.worker_index]
     todo = {i for i in mine if load_shard_record(out, i) is None}
