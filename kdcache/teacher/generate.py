@@ -56,10 +56,10 @@ class GenerateConfig:
     dtype: str = "auto"
     quantization: str | None = None
     tensor_parallel_size: int = 1
-    gpu_memory_utilization: float = 0.9
+    gpu_memory_utilization: float | None = None  # None: 0.9 on GPU, 0.3 on CPU
     max_num_batched_tokens: int | None = None
     max_model_len: int | None = None
-    enforce_eager: bool = False
+    enforce_eager: bool | None = None  # None: eager on CPU, compiled on GPU
     zstd_level: int = fmt.ZSTD_LEVEL
     progress: bool = True
     engine_options: dict = field(default_factory=dict)
@@ -88,7 +88,7 @@ def _content_settings(cfg: GenerateConfig, teacher_info: dict, tok_fp: dict, dat
     if these match exactly."""
     return {
         "format_version": fmt.FORMAT_VERSION,
-        "teacher": {k: teacher_info.get(k) for k in ("model", "config_sha256", "revision", "dtype", "quantization", "backend")},
+        "teacher": {k: teacher_info.get(k) for k in ("model", "config_sha256", "gguf_sha256", "revision", "dtype", "quantization", "backend")},
         "tokenizer": tok_fp,
         "top_k": cfg.top_k,
         "sampling": {"mode": cfg.sampling, "num_samples": cfg.samples if cfg.sampling == "random" else 0, "seed": cfg.seed},
@@ -157,7 +157,7 @@ def finalize(out: str | Path) -> dict | None:
         "complete": True,
         "created_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "tool_version": f"kdcache {__version__}",
-        "teacher": meta["teacher"],
+        "teacher": _loaded_teacher(meta["teacher"]),
         "tokenizer": settings["tokenizer"],
         "top_k": settings["top_k"],
         "sampling": settings["sampling"],
@@ -193,6 +193,15 @@ def finalize(out: str | Path) -> dict | None:
     validate_manifest(manifest, out / fmt.MANIFEST_NAME)
     write_json_atomic(out / fmt.MANIFEST_NAME, manifest)
     return manifest
+
+
+def _loaded_teacher(info: dict) -> dict:
+    """The worker's teacher entry, with ``dtype`` set to what the backend actually loaded."""
+    info = dict(info)
+    loaded = info.pop("dtype_loaded", None)
+    if loaded:
+        info["dtype"] = str(loaded)
+    return info
 
 
 def _shards_of_rows(rows: Iterator[tuple[int, str, dict]], shard_size: int) -> Iterator[tuple[int, list]]:
@@ -238,15 +247,17 @@ def generate_teacher_cache(cfg: GenerateConfig) -> dict | None:
 
     cfg.check()
     out = Path(cfg.output)
-    teacher_dir = resolve_teacher(cfg.teacher)
-    tokenizer = AutoTokenizer.from_pretrained(teacher_dir)
+    teacher = resolve_teacher(cfg.teacher)
+    tokenizer = AutoTokenizer.from_pretrained(str(teacher.path))
     dataset = open_dataset(cfg.dataset, fmt=cfg.data_format)
     dataset_info = dataset.describe() | {"fingerprint": dataset.fingerprint()}
     backend_name = cfg.backend
     if backend_name == "auto":
         backend_name = "vllm" if _vllm_importable() else "hf"
-    teacher_info = teacher_description(cfg.teacher, teacher_dir, dtype=cfg.dtype, quantization=cfg.quantization)
-    teacher_info["backend"] = backend_name
+    teacher_info = teacher_description(teacher, dtype=cfg.dtype, backend=backend_name)
+    teacher_info["model"] = cfg.teacher
+    if cfg.quantization:
+        teacher_info["quantization"] = cfg.quantization
     settings = _content_settings(cfg, teacher_info, tokenizer_fingerprint(tokenizer), dataset_info)
     claim_directory(out, settings)
 
@@ -268,7 +279,8 @@ def generate_teacher_cache(cfg: GenerateConfig) -> dict | None:
             if index not in todo:
                 continue
             if backend is None:
-                backend = make_backend(backend_name, teacher_dir, **_engine_options(cfg))
+                backend = make_backend(backend_name, teacher, dtype=cfg.dtype, **_engine_options(cfg))
+                teacher_info["dtype_loaded"] = getattr(backend, "dtype", cfg.dtype)
             examples, skipped = [], []
             for item in tokenize_rows(
                 rows, tokenizer, max_length=cfg.max_length, fmt=dataset_info["format"],
@@ -308,14 +320,13 @@ def generate_teacher_cache(cfg: GenerateConfig) -> dict | None:
 
 def _engine_options(cfg: GenerateConfig) -> dict:
     options = {
-        "dtype": cfg.dtype,
         "quantization": cfg.quantization,
         "tensor_parallel_size": cfg.tensor_parallel_size,
         "gpu_memory_utilization": cfg.gpu_memory_utilization,
         "max_num_batched_tokens": cfg.max_num_batched_tokens,
         "max_model_len": cfg.max_model_len or cfg.max_length + (cfg.max_new_tokens if cfg.mode == "generate" else 0),
         "enforce_eager": cfg.enforce_eager,
-        "max_logprobs": cfg.top_k,
+        "seed": cfg.seed,
     }
     options.update(cfg.engine_options)
     return options

@@ -1,0 +1,161 @@
+"""Can this student learn from this cache? Tokenizer and vocabulary checks.
+
+The cache stores token *ids* of the teacher's tokenizer. A student is compatible when its
+tokenizer maps every id the cache can hold (``id < manifest.tokenizer.vocab_size``) to the
+same token string, and its output layer has at least that many rows (extra rows, as in
+checkpoints whose embedding matrix is padded, are fine: they join the softmax as outcomes
+the teacher never chose).
+
+The manifest keeps only a hash of the teacher's vocabulary (see
+``kdcache.teacher.loading.tokenizer_fingerprint``), so the check hashes the student's
+mapping restricted to those ids in the same way. To name the first differing token, the
+teacher's tokenizer is loaded from ``<cache>/tokenizer/`` or the teacher path recorded in
+the manifest, when either is available.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+from kdcache.errors import KdcacheError
+
+logger = logging.getLogger("kdcache")
+
+
+def restricted_vocab_sha256(tokenizer: Any, vocab_size: int) -> str:
+    """sha256 of the token->id mapping for ids ``< vocab_size``, serialized exactly like
+    ``tokenizer_fingerprint`` (so a student with the teacher's tokenizer gives the
+    manifest's ``vocab_sha256``, and one with extra tokens at the end does too)."""
+    items = [(tok, i) for tok, i in tokenizer.get_vocab().items() if i < vocab_size]
+    canonical = json.dumps(sorted(items, key=lambda kv: (kv[1], kv[0])), ensure_ascii=False)
+    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+
+
+def chat_template_sha256(tokenizer: Any) -> str | None:
+    template = getattr(tokenizer, "chat_template", None)
+    if isinstance(template, dict):
+        template = json.dumps(template, sort_keys=True)
+    return hashlib.sha256(template.encode("utf-8")).hexdigest() if template else None
+
+
+def load_tokenizer(model: str | Path):
+    """The tokenizer of a model directory / hub id (one-line error if it cannot be loaded)."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(model))
+    except Exception as exc:  # noqa: BLE001 - transformers raises many types
+        first = (str(exc).splitlines() or [""])[0][:200]
+        raise KdcacheError(f"{model}: cannot load the student's tokenizer ({type(exc).__name__}: {first})") from None
+
+
+def _teacher_tokenizer(cache_dir: Path, manifest: dict):
+    """The teacher's tokenizer if reachable offline and matching the manifest hash, else None."""
+    from transformers import AutoTokenizer
+
+    teacher = manifest.get("teacher", {})
+    candidates = [cache_dir / "tokenizer"] + [Path(str(teacher[k])) for k in ("path", "model", "spec") if teacher.get(k)]
+    want = manifest["tokenizer"]
+    for path in candidates:
+        if not (path.is_dir() and (path / "tokenizer_config.json").exists()):
+            continue
+        try:
+            tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+        except Exception:  # noqa: BLE001 - unreadable: try the next candidate
+            continue
+        if restricted_vocab_sha256(tok, want["vocab_size"]) == want["vocab_sha256"]:
+            return tok
+    return None
+
+
+def first_difference(teacher_tok: Any, student_tok: Any, vocab_size: int) -> tuple[int, str | None, str | None] | None:
+    """``(id, teacher token, student token)`` of the lowest id ``< vocab_size`` that differs."""
+    t_inv = {i: t for t, i in teacher_tok.get_vocab().items() if i < vocab_size}
+    s_inv = {i: t for t, i in student_tok.get_vocab().items() if i < vocab_size}
+    for i in range(vocab_size):
+        if t_inv.get(i) != s_inv.get(i):
+            return i, t_inv.get(i), s_inv.get(i)
+    return None
+
+
+def check_tokenizer(student_tok: Any, manifest: dict, cache_dir: str | Path, student_name: str = "student") -> list[str]:
+    """Raise :class:`KdcacheError` if the student cannot read the cache's token ids.
+
+    Returns warnings (chat template or special tokens that differ: harmless for the loss,
+    but the trained model will expect the teacher's chat format).
+    """
+    cache_dir = Path(cache_dir)
+    want = manifest["tokenizer"]
+    vocab_size = int(want["vocab_size"])
+    if restricted_vocab_sha256(student_tok, vocab_size) != want["vocab_sha256"]:
+        where = f"{student_name}'s tokenizer does not match the tokenizer of cache {cache_dir}"
+        teacher_tok = _teacher_tokenizer(cache_dir, manifest)
+        if teacher_tok is not None:
+            diff = first_difference(teacher_tok, student_tok, vocab_size)
+            if diff is not None:
+                i, t, s = diff
+                raise KdcacheError(
+                    f"{where}: first difference at id {i}: teacher {t!r}, student {s!r} "
+                    "(distill only into a student with the teacher's tokenizer)"
+                )
+        if len(student_tok) < vocab_size:
+            raise KdcacheError(
+                f"{where}: the student has {len(student_tok)} tokens, the cache uses ids up to {vocab_size - 1} "
+                "(distill only into a student with the teacher's tokenizer)"
+            )
+        student_hash = restricted_vocab_sha256(student_tok, vocab_size)
+        raise KdcacheError(
+            f"{where}: vocabulary sha256 of ids < {vocab_size} is {student_hash[:12]}..., the cache's is "
+            f"{want['vocab_sha256'][:12]}... (teacher tokenizer not available to name the first differing token; "
+            "distill only into a student with the teacher's tokenizer)"
+        )
+    warnings = []
+    if chat_template_sha256(student_tok) != want.get("chat_template_sha256"):
+        warnings.append(
+            f"{student_name}'s chat template differs from the teacher's that rendered cache {cache_dir}; "
+            "the trained student will expect the teacher's chat format"
+        )
+    special = {k: str(v) for k, v in (want.get("special_tokens") or {}).items()}
+    mine = {k: str(getattr(student_tok, k)) for k in special if getattr(student_tok, k, None) is not None}
+    differing = sorted(k for k in special if mine.get(k) != special[k])
+    if differing:
+        warnings.append(
+            f"{student_name}'s special tokens differ from the teacher's ({', '.join(differing)}): "
+            + ", ".join(f"{k} {mine.get(k)!r} vs {special[k]!r}" for k in differing)
+        )
+    return warnings
+
+
+def check_output_rows(num_rows: int, manifest: dict, student_name: str = "student") -> None:
+    """The student's output layer must have a row for every id the cache can hold."""
+    vocab_size = int(manifest["tokenizer"]["vocab_size"])
+    if num_rows < vocab_size:
+        raise KdcacheError(
+            f"{student_name}'s output layer has {num_rows} rows but the cache holds token ids up to {vocab_size - 1}"
+        )
+
+
+def check_same_tokenizer(train_manifest: dict, eval_manifest: dict, eval_dir: str | Path) -> None:
+    """An eval cache must come from the same tokenizer as the training cache."""
+    a, b = train_manifest["tokenizer"], eval_manifest["tokenizer"]
+    if (a["vocab_size"], a["vocab_sha256"]) != (b["vocab_size"], b["vocab_sha256"]):
+        raise KdcacheError(f"{eval_dir}: eval cache was made with another tokenizer than the training cache")
+
+
+def check_loss_needs(loss: str, manifest: dict, cache_dir: str | Path) -> None:
+    """The loss must find what it needs in the cache (top-k, or sampled tokens for rs_kd)."""
+    if loss == "rs_kd":
+        if int(manifest["sampling"]["num_samples"]) <= 0:
+            raise KdcacheError(
+                f"{cache_dir}: --loss rs_kd needs sampled teacher tokens, but this cache has none "
+                "(regenerate it with `generate-teacher --sampling random`)"
+            )
+    elif int(manifest["top_k"]) <= 0:
+        raise KdcacheError(
+            f"{cache_dir}: --loss {loss} needs the teacher's top-k, but this cache stores samples only (top_k 0); "
+            "use --loss rs_kd"
+        )
