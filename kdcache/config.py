@@ -45,6 +45,9 @@ def apply_config(ctx: click.Context, command: click.Command, config_path: str | 
         return
     values = load_section(config_path, SECTIONS[command.name])
     params = {p.name: p for p in command.params if isinstance(p, click.Option)}
+    # A key may be the option's long name (`format`) or its Python name (`data_format`).
+    by_flag = {flag.lstrip("-").replace("-", "_"): p.name for p in params.values() for flag in p.opts if flag.startswith("--")}
+    values = {by_flag.get(k, k): v for k, v in values.items()}
     unknown = sorted(k for k in values if k not in params or k == "config")
     if unknown:
         raise KdcacheError(

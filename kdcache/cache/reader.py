@@ -116,7 +116,8 @@ def _iter_file(pf: pq.ParquetFile, id_table: np.ndarray, top_k: int, path: Path,
     except KdcacheError:
         raise
     except Exception as exc:  # damaged pages surface as ArrowInvalid/OSError mid-stream
-        raise KdcacheError(f"{path}: damaged shard ({type(exc).__name__}: {exc}); run `kdcache verify`") from exc
+        first = (str(exc).splitlines() or [""])[0][:200]
+        raise KdcacheError(f"{path}: damaged shard ({type(exc).__name__}: {first}); run `kdcache verify`") from exc
 
 
 class CacheReader:

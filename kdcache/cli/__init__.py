@@ -18,9 +18,10 @@ def cli() -> None:
 
 
 def _register() -> None:
-    from kdcache.cli import cache_cmds, generate_cmd
+    from kdcache.cli import cache_cmds, demo_cmd, generate_cmd
 
     cli.add_command(generate_cmd.generate_teacher)
+    cli.add_command(demo_cmd.demo)
     cli.add_command(cache_cmds.inspect)
     cli.add_command(cache_cmds.verify)
     try:
@@ -48,7 +49,11 @@ def main(argv: list[str] | None = None) -> None:
         exc.show()
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
-        click.echo("kdcache: interrupted; finished shards are kept, rerun the same command to resume", err=True)
+        click.echo(
+            "kdcache: interrupted; generate-teacher keeps finished shards (rerun the same command), "
+            "train-student continues from its last checkpoint with --resume",
+            err=True,
+        )
         sys.exit(130)
     except MemoryError:
         click.echo("kdcache: error: out of memory; lower --batch-tokens / --max-num-batched-tokens / --shard-size", err=True)

@@ -29,6 +29,7 @@ from kdcache.errors import KdcacheError
 from kdcache.teacher.base import GenerationSettings, ScoringSettings
 
 WORKERS_DIR = "workers"
+TOKENIZER_DIR = "tokenizer"
 
 
 @dataclass
@@ -130,6 +131,26 @@ def claim_directory(out: Path, settings: dict) -> None:
             f"{out}: holds a cache made with different settings ({', '.join(diffs)} differ); "
             "use a new --output directory or rerun with the original settings"
         )
+
+
+def save_tokenizer(out: Path, tokenizer) -> None:
+    """Keep the teacher's tokenizer in ``out/tokenizer`` so stage two can name the first token
+    a student tokenizer maps differently, on a machine that has no copy of the teacher."""
+    import shutil
+    import tempfile
+
+    target = out / TOKENIZER_DIR
+    if target.exists():
+        return
+    tmp = Path(tempfile.mkdtemp(prefix=f".{TOKENIZER_DIR}.tmp-", dir=out))
+    try:
+        tokenizer.save_pretrained(tmp)
+        os.replace(tmp, target)
+    except OSError:
+        if not target.exists():
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def finalize(out: str | Path) -> dict | None:
@@ -260,6 +281,7 @@ def generate_teacher_cache(cfg: GenerateConfig) -> dict | None:
         teacher_info["quantization"] = cfg.quantization
     settings = _content_settings(cfg, teacher_info, tokenizer_fingerprint(tokenizer), dataset_info)
     claim_directory(out, settings)
+    save_tokenizer(out, tokenizer)
 
     # Pass 1 (cheap, no tokenization): how many rows, hence shards, does this worker own?
     total_rows = dataset.num_rows_hint()
