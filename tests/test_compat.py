@@ -55,6 +55,7 @@ def test_different_tokenizer_names_the_first_differing_token(small_cache):
 
 def test_without_the_teacher_tokenizer_the_hashes_are_named(small_cache, tmp_path):
     cache = Path(shutil.copytree(small_cache, tmp_path / "moved"))
+    shutil.rmtree(cache / "tokenizer")  # as if the cache came without the teacher's tokenizer
     manifest = json.loads((cache / "manifest.json").read_text())
     manifest["teacher"] = {**manifest["teacher"], **{k: "/nowhere/teacher" for k in ("model", "path", "spec")}}
     (cache / "manifest.json").write_text(json.dumps(manifest))
@@ -108,3 +109,14 @@ def test_cli_refuses_a_mismatched_student_in_one_line(small_cache, tmp_path, cap
     with pytest.raises(SystemExit):
         main(["eval", "--model", str(other), "--cache", str(small_cache), "--device", "cpu"])
     assert "does not match the tokenizer" in capsys.readouterr().err
+
+
+def test_tokenizer_saved_in_the_cache_names_the_first_difference_offline(small_cache, tmp_path):
+    """A cache copied to a machine without the teacher still names the first differing token."""
+    cache = Path(shutil.copytree(small_cache, tmp_path / "copied"))
+    assert (cache / "tokenizer" / "tokenizer.json").exists()
+    manifest = json.loads((cache / "manifest.json").read_text())
+    manifest["teacher"] = {**manifest["teacher"], **{k: "/nowhere/teacher" for k in ("model", "path", "spec")}}
+    (cache / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(KdcacheError, match=r"first difference at id \d+: teacher '.*', student '.*'"):
+        check_tokenizer(_other_tokenizer(), load_manifest(cache), cache)
