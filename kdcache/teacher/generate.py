@@ -267,6 +267,10 @@ def generate_teacher_cache(cfg: GenerateConfig) -> dict | None:
     from kdcache.teacher.loading import make_backend, resolve_teacher, teacher_description, tokenizer_fingerprint
 
     cfg.check()
+    if not cfg.progress:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
     out = Path(cfg.output)
     teacher = resolve_teacher(cfg.teacher)
     tokenizer = AutoTokenizer.from_pretrained(str(teacher.path))
@@ -300,9 +304,6 @@ def generate_teacher_cache(cfg: GenerateConfig) -> dict | None:
         for index, rows in _shards_of_rows(dataset.rows(), cfg.shard_size):
             if index not in todo:
                 continue
-            if backend is None:
-                backend = make_backend(backend_name, teacher, dtype=cfg.dtype, **_engine_options(cfg))
-                teacher_info["dtype_loaded"] = getattr(backend, "dtype", cfg.dtype)
             examples, skipped = [], []
             for item in tokenize_rows(
                 rows, tokenizer, max_length=cfg.max_length, fmt=dataset_info["format"],
@@ -312,6 +313,9 @@ def generate_teacher_cache(cfg: GenerateConfig) -> dict | None:
                     skipped.append({"seq_id": item.seq_id, "source": item.source, "reason": item.reason})
                 else:
                     examples.append(item)
+            if backend is None:  # after tokenizing, so a bad first row fails before a model loads
+                backend = make_backend(backend_name, teacher, dtype=cfg.dtype, **_engine_options(cfg))
+                teacher_info["dtype_loaded"] = getattr(backend, "dtype", cfg.dtype)
             if cfg.mode == "generate":
                 stream = backend.generate(examples, scoring, generation)
             else:

@@ -1,0 +1,5 @@
+"""`python -m kdcache` = the `kdcache` command."""
+
+from kdcache.cli import main
+
+main()

@@ -1,0 +1,199 @@
+"""Stage one end to end: CLI, resume after kill -9, workers, refusal of other settings, bad
+rows, and the real SmolLM2 teacher through real vLLM checked against the transformers backend."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from kdcache.cache.reader import CacheReader
+from kdcache.cache.stats import verify_cache
+from kdcache.errors import KdcacheError
+from kdcache.teacher.generate import GenerateConfig, generate_teacher_cache
+from tests.conftest import CORPUS, wiki_texts
+
+def _write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def _chat_rows(n: int) -> list[dict]:
+    return [
+        {"messages": [{"role": "user", "content": f"Question {i}: {CORPUS[i % 6]}"},
+                      {"role": "assistant", "content": CORPUS[(i + 1) % 6] + f" Answer {i}."}]}
+        for i in range(n)
+    ]
+
+
+def _cfg(teacher: Path, dataset: Path, out: Path, **kw) -> GenerateConfig:
+    base = dict(teacher=str(teacher), dataset=str(dataset), output=str(out), backend="hf", top_k=8,
+                shard_size=4, max_length=64, dtype="float32", progress=False)
+    return GenerateConfig(**{**base, **kw})
+
+
+def _content(cache: Path) -> list[tuple]:
+    """Everything a student reads, in seq_id order (file bytes may differ run to run)."""
+    out = []
+    for s in CacheReader(cache).iter_sequences():
+        out.append((s.seq_id, s.input_ids.tolist(), s.target_positions.tolist(), s.topk_ids.tolist(),
+                    np.round(s.topk_logprobs, 3).tolist()))
+    return out
+
+
+def _run_cli(*args: str, env: dict | None = None, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "kdcache", *args], capture_output=True, text=True,
+                          env={**os.environ, **(env or {})}, **kw)
+
+
+def test_chat_cache_stores_only_assistant_targets(tiny_llama, tmp_path):
+    data = _write_jsonl(tmp_path / "chat.jsonl", _chat_rows(10))
+    manifest = generate_teacher_cache(_cfg(tiny_llama, data, tmp_path / "cache"))
+    assert manifest["totals"]["sequences"] == 10 and manifest["totals"]["shards"] == 3
+    assert manifest["dataset"]["format"] == "messages"
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_llama)
+    for seq in CacheReader(tmp_path / "cache").iter_sequences():
+        targets = tok.decode(seq.input_ids[seq.target_positions])
+        assert targets.startswith(CORPUS[(seq.seq_id + 1) % 6][:10]) and "Question" not in targets
+        assert (seq.topk_ids < len(tok)).all()
+        # the stored target log-prob is the teacher's log-prob of the actual token: when that
+        # token is in the top-k, both agree within the quantization bound
+        hit = seq.topk_ids == seq.input_ids[seq.target_positions][:, None]
+        rows, cols = np.nonzero(hit)
+        assert np.allclose(seq.topk_logprobs[rows, cols], seq.target_logprobs[rows], atol=4e-3)
+    assert verify_cache(tmp_path / "cache") == []
+
+
+def test_resume_after_kill_gives_the_same_content(tiny_llama, tmp_path):
+    rows = [{"text": " ".join(CORPUS[i % 6 : i % 6 + 3]) * 2} for i in range(200)]
+    data = _write_jsonl(tmp_path / "text.jsonl", rows)
+    reference = tmp_path / "reference"
+    generate_teacher_cache(_cfg(tiny_llama, data, reference))
+
+    out = tmp_path / "killed"
+    args = ["generate-teacher", "--teacher", str(tiny_llama), "--dataset", str(data), "--output", str(out),
+            "--backend", "hf", "--top-k", "8", "--shard-size", "4", "--max-length", "64", "--dtype", "float32",
+            "--no-progress"]
+    proc = subprocess.Popen([sys.executable, "-m", "kdcache", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.time() + 240
+    while time.time() < deadline and len(list((out / "shards").glob("part-*.json"))) < 2:
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    finished = len(list((out / "shards").glob("part-*.json")))
+    assert 2 <= finished < 50, "the kill should land mid-run"
+    assert not (out / "manifest.json").exists()
+    with pytest.raises(KdcacheError, match="unfinished"):
+        CacheReader(out)
+
+    result = _run_cli(*args)
+    assert result.returncode == 0, result.stderr
+    assert "sequences" in result.stdout
+    assert _content(out) == _content(reference)
+    assert verify_cache(out) == []
+    assert not list((out / "shards").glob(".*tmp*"))
+
+
+def test_workers_fill_disjoint_shards_and_the_last_completes(tiny_llama, tmp_path):
+    data = _write_jsonl(tmp_path / "text.jsonl", [{"text": CORPUS[i % 6] * 2} for i in range(18)])
+    out = tmp_path / "shared"
+    assert generate_teacher_cache(_cfg(tiny_llama, data, out, num_workers=3, worker_index=2)) is None
+    assert sorted(p.name for p in (out / "shards").glob("part-*.json")) == ["part-00002.json"]
+    assert generate_teacher_cache(_cfg(tiny_llama, data, out, num_workers=3, worker_index=0)) is None
+    manifest = generate_teacher_cache(_cfg(tiny_llama, data, out, num_workers=3, worker_index=1))
+    assert manifest is not None and manifest["totals"]["sequences"] == 18 and manifest["totals"]["shards"] == 5
+    single = tmp_path / "single"
+    generate_teacher_cache(_cfg(tiny_llama, data, single))
+    assert _content(out) == _content(single)
+
+
+def test_other_settings_and_foreign_directories_are_refused(tiny_llama, tmp_path):
+    data = _write_jsonl(tmp_path / "text.jsonl", [{"text": t} for t in CORPUS[:6]])
+    generate_teacher_cache(_cfg(tiny_llama, data, tmp_path / "c"))
+    result = _run_cli("generate-teacher", "--teacher", str(tiny_llama), "--dataset", str(data),
+                      "--output", str(tmp_path / "c"), "--backend", "hf", "--top-k", "16", "--shard-size", "4",
+                      "--max-length", "64", "--dtype", "float32")
+    assert result.returncode == 2
+    errors = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(errors) == 1 and "different settings (top_k differ" in errors[0]
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("mine")
+    with pytest.raises(KdcacheError, match="not empty and holds no kdcache run"):
+        generate_teacher_cache(_cfg(tiny_llama, data, tmp_path / "other"))
+
+
+def test_bad_rows_stop_with_one_line_or_are_counted(tiny_llama, tmp_path):
+    data = tmp_path / "bad.jsonl"
+    data.write_text(json.dumps({"text": CORPUS[0]}) + "\n{not json\n" + json.dumps({"text": "  "}) + "\n"
+                    + json.dumps({"text": CORPUS[1]}) + "\n")
+    base = ["generate-teacher", "--teacher", str(tiny_llama), "--dataset", str(data), "--backend", "hf",
+            "--top-k", "4", "--dtype", "float32", "--no-progress"]
+    result = _run_cli(*base, "--output", str(tmp_path / "strict"))
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(errors) == 1 and errors[0].startswith("kdcache: error:") and f"{data}:2" in errors[0]
+    assert not (tmp_path / "strict" / "manifest.json").exists()
+    assert not list((tmp_path / "strict").glob("shards/part-*.parquet"))
+
+    result = _run_cli(*base, "--output", str(tmp_path / "lenient"), "--skip-bad-rows")
+    assert result.returncode == 0, result.stderr
+    manifest = json.loads((tmp_path / "lenient" / "manifest.json").read_text())
+    assert manifest["totals"]["sequences"] == 2 and manifest["totals"]["skipped_rows"] == 2
+    skipped = manifest["shards"][0]["skipped"]
+    assert [s["source"] for s in skipped] == [f"{data}:2", f"{data}:3"]
+
+
+def test_missing_teacher_is_one_line(tmp_path):
+    data = _write_jsonl(tmp_path / "t.jsonl", [{"text": "hello"}])
+    result = _run_cli("generate-teacher", "--teacher", str(tmp_path / "no-such-model"), "--dataset", str(data),
+                      "--output", str(tmp_path / "c"), env={"HF_HUB_OFFLINE": "1"})
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(errors) == 1 and errors[0].startswith("kdcache: error:") and "no-such-model" in errors[0]
+
+
+@pytest.mark.slow
+def test_smollm2_gguf_through_vllm_matches_transformers(tmp_path):
+    """The real teacher (its Q4_1 GGUF given directly) through real vLLM on CPU, end to end
+    via the CLI, against the transformers backend on the same real text (fp32 both)."""
+    from kdcache.testing.models import smollm2_gguf_path
+
+    texts = wiki_texts(24)[12:24]
+    rows = [{"messages": [{"role": "user", "content": "Summarize this topic."},
+                          {"role": "assistant", "content": t}]} for t in texts]
+    data = _write_jsonl(tmp_path / "wiki.jsonl", rows)
+    common = ["--teacher", str(smollm2_gguf_path()), "--dataset", str(data), "--top-k", "32",
+              "--max-length", "192", "--dtype", "float32", "--shard-size", "6", "--no-progress"]
+    vllm_run = _run_cli("generate-teacher", *common, "--output", str(tmp_path / "vllm"), "--backend", "vllm",
+                        env={"VLLM_CPU_KVCACHE_SPACE": "1"}, timeout=900)
+    assert vllm_run.returncode == 0, vllm_run.stderr[-3000:]
+    assert "bytes / token" in vllm_run.stdout
+    hf_run = _run_cli("generate-teacher", *common, "--output", str(tmp_path / "hf"), "--backend", "hf", timeout=900)
+    assert hf_run.returncode == 0, hf_run.stderr[-3000:]
+
+    v_man = json.loads((tmp_path / "vllm" / "manifest.json").read_text())
+    assert v_man["teacher"]["backend"] == "vllm" and v_man["teacher"]["gguf_sha256"]
+    overlaps, diffs = [], []
+    for v, h in zip(CacheReader(tmp_path / "vllm").iter_sequences(), CacheReader(tmp_path / "hf").iter_sequences()):
+        np.testing.assert_array_equal(v.input_ids, h.input_ids)
+        np.testing.assert_array_equal(v.target_positions, h.target_positions)
+        for vi, vl, hi, hl in zip(v.topk_ids, v.topk_logprobs, h.topk_ids, h.topk_logprobs):
+            common_ids, vpos, hpos = np.intersect1d(vi, hi, return_indices=True)
+            overlaps.append(len(common_ids) / len(vi))
+            diffs.append(np.abs(vl[vpos] - hl[hpos]).max())
+        assert np.abs(v.target_logprobs - h.target_logprobs).max() < 0.02
+    assert np.mean(overlaps) >= 0.97, np.mean(overlaps)
+    assert np.median(diffs) < 0.01 and np.percentile(diffs, 99) < 0.05
+    inspect = _run_cli("inspect", str(tmp_path / "vllm"), "--json")
+    summary = json.loads(inspect.stdout)
+    assert summary["supervised_tokens"] == v_man["totals"]["supervised_tokens"] > 500
+    assert 0.5 < summary["mean_topk_mass"] < 1.0
