@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +10,7 @@ import pyarrow.parquet as pq
 from kdcache.cache import format as fmt
 from kdcache.cache.manifest import load_manifest
 from kdcache.cache.reader import _check_shard_meta
+from kdcache.cache.writer import file_sha256
 from kdcache.errors import KdcacheError
 
 
@@ -65,14 +65,6 @@ def format_summary(summary: dict) -> str:
     return "\n".join(lines)
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(1 << 22):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def verify_shard(cache_dir: Path, shard: dict, top_k: int) -> str | None:
     """None if the shard matches its manifest entry, else a one-line problem description."""
     path = cache_dir / shard["file"]
@@ -81,7 +73,7 @@ def verify_shard(cache_dir: Path, shard: dict, top_k: int) -> str | None:
     size = path.stat().st_size
     if size != shard["bytes"]:
         return f"{path}: {size} bytes, manifest says {shard['bytes']} (truncated or replaced)"
-    if _sha256(path) != shard["sha256"]:
+    if file_sha256(path) != shard["sha256"]:
         return f"{path}: checksum mismatch (damaged copy)"
     try:
         pf = pq.ParquetFile(path)

@@ -197,7 +197,8 @@ def _fsync_write(path: Path, data: bytes) -> None:
         os.fsync(handle.fileno())
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: str | Path) -> str:
+    """Hex sha256 of a file's bytes (read in 4 MiB blocks)."""
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
         while block := handle.read(1 << 22):
@@ -248,7 +249,7 @@ def write_shard(
             first_seq_id=min(seq_ids) if seq_ids else -1,
             last_seq_id=max(seq_ids) if seq_ids else -1,
             bytes=final.stat().st_size,
-            sha256=_sha256(final),
+            sha256=file_sha256(final),
             skipped=list(skipped),
             **stats,
         )

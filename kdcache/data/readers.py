@@ -416,14 +416,12 @@ def _jsonable(value: Any) -> Any:
 
 
 def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
+    from kdcache.cache.writer import file_sha256
+
     try:
-        with open(path, "rb") as handle:
-            while block := handle.read(1 << 22):
-                digest.update(block)
+        return file_sha256(path)
     except OSError as exc:
         raise KdcacheError(f"{path}: cannot read file ({exc.strerror or exc})") from None
-    return digest.hexdigest()
 
 
 # ----------------------------------------------------------------------------- open_dataset

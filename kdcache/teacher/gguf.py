@@ -7,23 +7,14 @@ The result is cached by the file's content hash, so repeated runs convert once.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import tempfile
 from pathlib import Path
 
+from kdcache.cache.writer import file_sha256
 from kdcache.errors import KdcacheError
 from kdcache.testing.models import default_cache_home
-
-
-def file_sha256(path: str | Path, chunk_bytes: int = 1 << 22) -> str:
-    """Hex sha256 of a file's bytes."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(chunk_bytes):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def convert_gguf_to_hf(gguf_path: str | Path, cache_dir: str | Path | None = None) -> Path:
