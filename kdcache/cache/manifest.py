@@ -60,7 +60,7 @@ def manifest_json_schema() -> dict:
                     "config_sha256": {"type": ["string", "null"]},
                     "dtype": {"type": "string"},
                     "quantization": {"type": ["string", "null"]},
-                    "backend": {"enum": ["vllm", "hf"]},
+                    "backend": {"enum": ["vllm", "hf", "auto"], "description": "backend that scored the shards ('auto' only if no worker loaded a teacher)"},
                 },
             },
             "tokenizer": {

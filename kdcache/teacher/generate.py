@@ -161,6 +161,8 @@ def finalize(out: str | Path) -> dict | None:
     if not done_files:
         return None
     done = [json.loads(p.read_text()) for p in done_files]
+    # Prefer a worker that loaded the teacher: it knows the backend and dtype actually used.
+    done.sort(key=lambda d: "backend_used" not in d["teacher"])
     total_rows = done[0]["dataset_rows"]
     settings = run["settings"]
     n_shards = math.ceil(total_rows / settings["shard_size"])
@@ -222,6 +224,9 @@ def _loaded_teacher(info: dict) -> dict:
     loaded = info.pop("dtype_loaded", None)
     if loaded:
         info["dtype"] = str(loaded)
+    used = info.pop("backend_used", None)
+    if used:
+        info["backend"] = used
     return info
 
 
@@ -276,9 +281,7 @@ def generate_teacher_cache(cfg: GenerateConfig) -> dict | None:
     tokenizer = AutoTokenizer.from_pretrained(str(teacher.path))
     dataset = open_dataset(cfg.dataset, fmt=cfg.data_format)
     dataset_info = dataset.describe() | {"fingerprint": dataset.fingerprint()}
-    backend_name = cfg.backend
-    if backend_name == "auto":
-        backend_name = "vllm" if _vllm_importable() else "hf"
+    backend_name = cfg.backend  # "auto" is resolved by make_backend (vLLM, else transformers)
     teacher_info = teacher_description(teacher, dtype=cfg.dtype, backend=backend_name)
     teacher_info["model"] = cfg.teacher
     if cfg.quantization:
@@ -316,6 +319,7 @@ def generate_teacher_cache(cfg: GenerateConfig) -> dict | None:
             if backend is None:  # after tokenizing, so a bad first row fails before a model loads
                 backend = make_backend(backend_name, teacher, dtype=cfg.dtype, **_engine_options(cfg))
                 teacher_info["dtype_loaded"] = getattr(backend, "dtype", cfg.dtype)
+                teacher_info["backend_used"] = backend.name
             if cfg.mode == "generate":
                 stream = backend.generate(examples, scoring, generation)
             else:
@@ -356,12 +360,6 @@ def _engine_options(cfg: GenerateConfig) -> dict:
     }
     options.update(cfg.engine_options)
     return options
-
-
-def _vllm_importable() -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec("vllm") is not None
 
 
 def config_to_dict(cfg: GenerateConfig) -> dict:

@@ -199,6 +199,23 @@ def resolve_local(teacher_dir: str | Path) -> ResolvedTeacher:
     return ResolvedTeacher(str(teacher_dir), path.resolve(), "dir", quantization=quantization_method(read_config(path)))
 
 
+def resolve_dtype(dtype: str, on_cpu: bool, quantization: str | None) -> str:
+    """The dtype a backend should load with; ``"auto"`` on a CPU becomes ``"float32"`` unless
+    the CPU has native bf16 (AVX512-BF16 / AMX) or the checkpoint is quantized.
+
+    Measured on a 2-core AVX2 EPYC: SmolLM2 in vLLM scores ~235 tokens/s in float32 and
+    ~35 tokens/s in bfloat16.
+    """
+    if dtype != "auto" or not on_cpu or quantization:
+        return dtype
+    try:
+        with open("/proc/cpuinfo") as handle:
+            flags = next((line for line in handle if line.startswith("flags")), "").split()
+    except OSError:
+        flags = []
+    return "auto" if ("avx512_bf16" in flags or "amx_bf16" in flags) else "float32"
+
+
 def make_backend(
     name: str, teacher_dir: ResolvedTeacher | str | Path, dtype: str = "auto", **engine_options: Any
 ) -> TeacherBackend:
@@ -224,10 +241,14 @@ def make_backend(
                 raise KdcacheError(f"backend 'vllm' needs vLLM installed ({exc})") from None
             logger.warning("vLLM is not importable (%s); using the transformers backend", exc)
         else:
+            from kdcache.teacher.vllm_backend import EngineUnusable
+
             try:
                 return VLLMBackend(teacher, dtype=dtype, **engine_options)
-            except KdcacheError:
-                raise
+            except KdcacheError as exc:
+                if name == "vllm" or not isinstance(exc, EngineUnusable):
+                    raise
+                logger.warning("using the transformers backend: %s", exc)
             except Exception as exc:  # noqa: BLE001 - engine start fails in many ways
                 if name == "vllm":
                     raise

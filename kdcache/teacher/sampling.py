@@ -1,4 +1,5 @@
-"""Backend-independent numerics on per-position distributions: real-vocab top-k and draws.
+"""Backend-independent rules for per-position distributions: request checks, real-vocab
+top-k and random draws.
 
 Both backends funnel their log-probabilities through these functions, so the two produce
 results with the same semantics (same padded-id rule, same random stream per sequence).
@@ -6,7 +7,30 @@ results with the same semantics (same padded-id rule, same random stream per seq
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import numpy as np
+
+from kdcache.data.example import TokenizedExample
+from kdcache.errors import KdcacheError
+from kdcache.teacher.base import ScoringSettings
+
+
+def validate_request(examples: Sequence[TokenizedExample], settings: ScoringSettings, vocab_size: int) -> None:
+    """Raise a one-line ``KdcacheError`` for settings or token ids a teacher cannot score."""
+    if settings.top_k < 0 or settings.num_samples < 0:
+        raise KdcacheError("top_k and num_samples must be >= 0")
+    if settings.top_k > vocab_size:
+        raise KdcacheError(f"top_k {settings.top_k} exceeds the tokenizer's vocabulary ({vocab_size})")
+    for ex in examples:
+        if ex.num_tokens == 0:
+            raise KdcacheError(f"{ex.source}: empty sequence")
+        if int(ex.input_ids.min()) < 0 or int(ex.input_ids.max()) >= vocab_size:
+            raise KdcacheError(f"{ex.source}: token id outside the teacher's vocabulary (0..{vocab_size - 1}); "
+                               "was the data tokenized with another tokenizer?")
+        pos = ex.target_positions
+        if len(pos) and (int(pos.min()) < 1 or int(pos.max()) >= ex.num_tokens):
+            raise KdcacheError(f"{ex.source}: target positions must lie in 1..{ex.num_tokens - 1}")
 
 
 def select_real_topk(

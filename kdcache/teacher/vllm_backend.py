@@ -1,0 +1,416 @@
+"""Teacher scoring with vLLM's prompt log-probabilities (the fast path of stage one).
+
+How the engine is driven, and why:
+
+* One ``llm.generate`` call per batch of ``TokensPrompt`` with ``SamplingParams(prompt_logprobs=K,
+  flat_logprobs=True, detokenize=False, max_tokens=1)``; the engine runs without a tokenizer.
+  ``out.prompt_logprobs`` is a ``FlatLogprobs`` whose position ``i >= 1`` holds ``K + 1`` entries:
+  the actual token ``i`` first, then ranks ``1..K``. It is converted to arrays with one
+  ``np.fromiter`` per list per request, then sliced to the supervised positions
+  (~4.5 us per token at K=64; vLLM's own flat output processing adds ~11 us per token).
+* Normalization: vLLM's log-softmax runs over all of the model's logit rows, including padded
+  rows beyond the tokenizer (e.g. Qwen2.5's 152064 rows for 151665 tokens). Padded ids are
+  dropped from the top-k; their mass stays in ``tail_logmass``. To still return ``k`` real ids,
+  a few extra log-probs are requested (``k + min(pad, PAD_MARGIN)``) and a position that still
+  comes up short is re-scored with ``k + pad``.
+* Random sampling needs the whole distribution: ``prompt_logprobs=-1`` (the engine is built
+  with ``max_logprobs=-1``) returns every logit row for every position, which vLLM turns into
+  Python lists: ~100 bytes and ~0.7 us per (position, vocab entry). With SmolLM2 (49152 rows)
+  on 2 CPU cores this scores ~28 tokens/s against ~200 for top-64 (the transformers backend
+  samples at ~90 tokens/s there), and a 500-token prompt holds ~2.5 GB of lists, so
+  requests are sent in groups bounded by ``max_logprob_entries``. Draws come from
+  the distribution restricted to the real vocabulary (padded rows renormalized away), like
+  the transformers backend, through the same ``sampling.draw_counts``.
+* Prompt log-probs ignore temperature and are never served from the prefix cache, so prefix
+  caching is disabled. The engine's ``logprobs_mode`` is pinned to ``raw_logprobs``, so
+  ``generate()`` records untempered, unfiltered log-probs of the generated tokens.
+* Every chunk of prefill materializes fp32 full-vocab logits and log-probs
+  (~10 bytes x tokens x rows); ``max_num_batched_tokens`` is derived from
+  ``logits_budget_bytes`` unless given.
+* ``close()`` (also registered with ``atexit``) shuts the engine down and joins the client's
+  output thread: a daemon thread left inside zmq at interpreter exit aborts the process
+  ("terminate called without an active exception"), reliably so after full-vocab requests.
+* On CPU, ``dtype="auto"`` means float32 unless the CPU has native bf16 (``resolve_dtype``),
+  and ``enforce_eager`` defaults to True: torch.compile adds ~90 s to the engine start for
+  no measurable throughput gain on this workload (see the benchmark notes).
+"""
+
+from __future__ import annotations
+
+import atexit
+import gc
+import logging
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+
+from kdcache.cache.records import TeacherScores, tail_logmass_from_topk
+from kdcache.data.example import TokenizedExample
+from kdcache.errors import KdcacheError
+from kdcache.teacher.base import GenerationSettings, ScoringSettings, TeacherBackend
+from kdcache.teacher.loading import ResolvedTeacher, resolve_dtype, resolve_local, teacher_description
+from kdcache.teacher.sampling import draw_counts, select_real_topk, sequence_rng, validate_request
+
+logger = logging.getLogger("kdcache")
+
+PAD_MARGIN = 16  # extra log-probs requested when the model has padded logit rows
+BYTES_PER_LOGIT = 10  # fp32 logits + fp32 log-probs + topk scratch, per (token, row)
+
+
+class EngineUnusable(KdcacheError):
+    """The engine started but cannot run this teacher (e.g. a kernel missing from this build)."""
+
+
+class VLLMBackend(TeacherBackend):
+    """Teacher backend on a vLLM ``LLM`` engine (CUDA build or vLLM's CPU build).
+
+    Args:
+        teacher: local HF directory or ``ResolvedTeacher``.
+        dtype: ``"auto"`` or a torch dtype name.
+        quantization: force a vLLM quantization method (None: detect from ``config.json``).
+        tensor_parallel_size: GPUs per engine (None: 1). Every option's None means its default.
+        gpu_memory_utilization: fraction of GPU memory for the engine (None: 0.85 on GPU, leaving
+            room for prompt-logprob tensors that vLLM's memory profiling does not see;
+            0.3 on CPU, where the KV cache size comes from ``VLLM_CPU_KVCACHE_SPACE`` GiB).
+        max_num_batched_tokens: tokens per scheduler step (None: from ``logits_budget_bytes``).
+        max_model_len: longest sequence (None: the model's).
+        enforce_eager: skip torch.compile / CUDA graphs (None: True on CPU, False on GPU).
+        logits_budget_bytes: memory allowed for one step's full-vocab logits (default 2 GiB).
+        max_logprob_entries: bound on (positions x log-probs per position) per engine call;
+            vLLM keeps them as Python lists (~100 bytes each) until the call returns.
+        seed: engine seed.
+        extra_engine_args: passed to ``vllm.LLM`` unchanged.
+    """
+
+    name = "vllm"
+
+    def __init__(
+        self,
+        teacher: ResolvedTeacher | str | Path,
+        *,
+        dtype: str = "auto",
+        quantization: str | None = None,
+        tensor_parallel_size: int | None = None,
+        gpu_memory_utilization: float | None = None,
+        max_num_batched_tokens: int | None = None,
+        max_model_len: int | None = None,
+        enforce_eager: bool | None = None,
+        logits_budget_bytes: int = 2 << 30,
+        max_logprob_entries: int = 16_000_000,
+        seed: int | None = 0,
+        extra_engine_args: dict[str, Any] | None = None,
+    ) -> None:
+        from transformers import AutoTokenizer
+        from vllm import LLM
+        from vllm.platforms import current_platform
+
+        self.teacher = teacher if isinstance(teacher, ResolvedTeacher) else resolve_local(teacher)
+        on_cpu = current_platform.is_cpu()
+        self.dtype = dtype = resolve_dtype(dtype, on_cpu, quantization or self.teacher.quantization)
+        self.tokenizer = AutoTokenizer.from_pretrained(str(self.teacher.path))
+        self.vocab_size = len(self.tokenizer)
+        self.max_logprob_entries = max_logprob_entries
+        model_rows = _config_vocab_rows(self.teacher.path) or self.vocab_size
+        if max_num_batched_tokens is None:
+            max_num_batched_tokens = int(logits_budget_bytes // (BYTES_PER_LOGIT * model_rows))
+            max_num_batched_tokens = max(256, min(16384, max_num_batched_tokens // 256 * 256))
+        self.engine_options: dict[str, Any] = {
+            "dtype": dtype,
+            "quantization": quantization,
+            "tensor_parallel_size": tensor_parallel_size or 1,
+            "gpu_memory_utilization": gpu_memory_utilization or (0.3 if on_cpu else 0.85),
+            "max_num_batched_tokens": max_num_batched_tokens,
+            "max_num_seqs": min(256, max_num_batched_tokens),
+            "max_model_len": max_model_len,
+            "enforce_eager": on_cpu if enforce_eager is None else enforce_eager,
+            "seed": seed or 0,
+        }
+        self._llm = LLM(
+            str(self.teacher.path),
+            skip_tokenizer_init=True,
+            # Only a request-validation cap in vLLM; -1 lets one engine serve top-k and
+            # full-vocab (sampling) requests.
+            max_logprobs=-1,
+            logprobs_mode="raw_logprobs",
+            enable_prefix_caching=False,
+            enable_chunked_prefill=True,
+            **self.engine_options,
+            **(extra_engine_args or {}),
+        )
+        self.model_vocab_rows = int(self._llm.llm_engine.model_config.get_vocab_size())
+        self.max_model_len = int(self._llm.llm_engine.model_config.max_model_len)
+        self.num_padded = max(0, self.model_vocab_rows - self.vocab_size)
+        self.eos_ids = _eos_ids(self.tokenizer, self.teacher.path)
+        # Generation never samples a padded row, so no padded id can enter input_ids.
+        self._allowed_ids = list(range(self.vocab_size)) if self.num_padded else None
+        # An engine still up at interpreter exit can abort the process (see close()).
+        atexit.register(self.close)
+        self._probe()
+
+    # ------------------------------------------------------------------ API
+
+    def describe(self) -> dict:
+        import vllm
+
+        desc = teacher_description(self.teacher, self.dtype, backend=self.name)
+        desc.update(
+            engine=f"vllm {vllm.__version__}",
+            tokenizer_vocab_size=self.vocab_size,
+            model_vocab_rows=self.model_vocab_rows,
+            logprob_normalization="all model logit rows (padded-row mass stays in the tail)",
+            engine_options={k: v for k, v in self.engine_options.items() if v is not None},
+        )
+        return desc
+
+    def score(self, examples: Sequence[TokenizedExample], settings: ScoringSettings) -> Iterator[TeacherScores]:
+        """Teacher-forced scoring; yields one ``TeacherScores`` per example, in input order.
+
+        Examples go to the engine in as few ``llm.generate`` calls as ``max_logprob_entries``
+        allows (vLLM holds every request's log-prob lists until a call returns).
+        """
+        validate_request(examples, settings, self.vocab_size)
+        for ex in examples:
+            self._check_length(ex)
+        k = settings.top_k
+        if settings.num_samples > 0:
+            requested, width = -1, self.model_vocab_rows + 1
+        else:
+            requested = k + min(self.num_padded, PAD_MARGIN) if k else 0
+            width = requested + 1
+        for group in _groups_by_entries(examples, width, self.max_logprob_entries):
+            outs = self._prompt_logprobs(group, requested)
+            if requested == -1:
+                for ex, out in zip(group, outs):
+                    yield self._full_vocab_scores(ex, out.prompt_logprobs, settings)
+                continue
+            results = [self._topk_scores(ex, out.prompt_logprobs, k) for ex, out in zip(group, outs)]
+            del outs
+            retry = [i for i, r in enumerate(results) if r is None]
+            if retry:  # some position had > PAD_MARGIN padded ids among its top candidates
+                again = self._prompt_logprobs([group[i] for i in retry], k + self.num_padded)
+                for i, out in zip(retry, again):
+                    results[i] = self._topk_scores(group[i], out.prompt_logprobs, k)
+            yield from results  # type: ignore[misc]
+
+    def generate(
+        self, examples: Sequence[TokenizedExample], settings: ScoringSettings, gen: GenerationSettings
+    ) -> Iterator[TeacherScores]:
+        """The teacher continues each prompt; generated tokens become the targets.
+
+        Request ``i`` samples with seed ``gen.seed + seq_id`` (batching-independent).
+        Recorded log-probs are raw (temperature 1, before top-p), over all logit rows.
+        """
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        validate_request(examples, settings, self.vocab_size)
+        full = settings.num_samples > 0
+        k = settings.top_k
+        requested = -1 if full else (k + self.num_padded if k else 0)
+        params = []
+        for ex in examples:
+            if ex.num_tokens + 1 > self.max_model_len:
+                raise KdcacheError(f"{ex.source}: prompt of {ex.num_tokens} tokens leaves no room to generate "
+                                   f"(max_model_len {self.max_model_len})")
+            params.append(
+                SamplingParams(
+                    temperature=gen.temperature,
+                    top_p=gen.top_p,
+                    max_tokens=min(gen.max_new_tokens, self.max_model_len - ex.num_tokens),
+                    seed=gen.seed + ex.seq_id,
+                    logprobs=requested,
+                    flat_logprobs=True,
+                    detokenize=False,
+                    stop_token_ids=self.eos_ids,
+                    allowed_token_ids=self._allowed_ids,
+                )
+            )
+        width = self.model_vocab_rows + 1 if full else requested + 1
+        starts = _group_starts([gen.max_new_tokens] * len(examples), width, self.max_logprob_entries)
+        for lo, hi in zip(starts, starts[1:]):
+            prompts = [TokensPrompt(prompt_token_ids=ex.input_ids.tolist()) for ex in examples[lo:hi]]
+            outs = self._llm.generate(prompts, params[lo:hi], use_tqdm=False)
+            yield from self._generated_scores(examples[lo:hi], outs, settings)
+
+    def _generated_scores(self, examples: Sequence[TokenizedExample], outs: list,
+                          settings: ScoringSettings) -> Iterator[TeacherScores]:
+        """``TeacherScores`` of prompt + completion, the generated tokens being the targets."""
+        full = settings.num_samples > 0
+        k = settings.top_k
+        for ex, out in zip(examples, outs):
+            completion = out.outputs[0]
+            gen_ids = np.asarray(completion.token_ids, dtype=np.int32)
+            ids, lps = _flat_rows(completion.logprobs, len(gen_ids), first_position=0)
+            input_ids = np.concatenate([ex.input_ids.astype(np.int32), gen_ids])
+            positions = np.arange(ex.num_tokens, ex.num_tokens + len(gen_ids), dtype=np.int32)
+            rows = np.arange(len(gen_ids))
+            if full:
+                yield self._scores_from_dense(ex, input_ids, positions, ids, lps, rows, settings)
+            else:
+                yield self._assemble(ex, input_ids, positions, ids[:, 0], ids[:, 1:], lps[:, 0], lps[:, 1:], k)
+
+    def close(self, shutdown_timeout_s: float = 60.0) -> None:
+        """Shut the engine processes down (idempotent)."""
+        llm = getattr(self, "_llm", None)
+        if llm is None:
+            return
+        self._llm = None
+        atexit.unregister(self.close)
+        client = llm.llm_engine.engine_core
+        try:
+            # vLLM's default grace (5 s) ends in a force kill after large requests.
+            client.shutdown(timeout=shutdown_timeout_s)
+            # The client's output thread closes its zmq socket after the shutdown signal; a
+            # daemon thread still inside zmq at interpreter exit aborts the process.
+            thread = getattr(client, "output_queue_thread", None)
+            if thread is not None:
+                thread.join(timeout=shutdown_timeout_s)
+        except Exception:  # noqa: BLE001 - best effort at teardown
+            logger.debug("vLLM engine shutdown raised", exc_info=True)
+        del llm
+        gc.collect()
+
+    # ------------------------------------------------------------ internals
+
+    def _probe(self) -> None:
+        """Score two tokens once: some builds start an engine whose first forward fails (vLLM
+        CPU 0.32's AVX2 library lacks the 4-bit ``cpu_gemm_wna16`` kernel), and ``auto`` must
+        learn that while it can still fall back."""
+        probe = TokenizedExample(-1, "probe", np.zeros(2, dtype=np.int32), np.ones(1, dtype=np.int32))
+        try:
+            self._prompt_logprobs([probe], 1)
+        except Exception as exc:  # noqa: BLE001 - the engine reports many error types
+            self.close()
+            first = (str(exc).splitlines() or [""])[0][:200]
+            raise EngineUnusable(
+                f"{self.teacher.spec}: vLLM started but cannot run this teacher ({type(exc).__name__}: {first}); "
+                "the engine log names the cause; the hf backend can load it"
+            ) from None
+
+    def _check_length(self, ex: TokenizedExample) -> None:
+        if ex.num_tokens > self.max_model_len:
+            raise KdcacheError(f"{ex.source}: {ex.num_tokens} tokens exceed the engine's max_model_len "
+                               f"{self.max_model_len} (lower --max-length or raise max_model_len)")
+
+    def _prompt_logprobs(self, examples: Sequence[TokenizedExample], num: int) -> list:
+        """One engine call; ``num`` log-probs per prompt position (-1: the whole vocabulary)."""
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        if not examples:
+            return []
+        params = SamplingParams(prompt_logprobs=num, flat_logprobs=True, detokenize=False, max_tokens=1)
+        prompts = [TokensPrompt(prompt_token_ids=ex.input_ids.tolist()) for ex in examples]
+        return self._llm.generate(prompts, params, use_tqdm=False)
+
+    def _topk_scores(self, ex: TokenizedExample, flat: Any, k: int) -> TeacherScores | None:
+        """``TeacherScores`` from a top-K prompt-logprob result; None if a row lacks k real ids."""
+        ids, lps = _flat_rows(flat, ex.num_tokens - 1, first_position=1)
+        rows = ex.target_positions.astype(np.int64) - 1
+        ids, lps = ids[rows], lps[rows]
+        return self._assemble(ex, ex.input_ids.astype(np.int32), ex.target_positions, ids[:, 0],
+                              ids[:, 1:], lps[:, 0], lps[:, 1:], k)
+
+    def _assemble(
+        self, ex: TokenizedExample, input_ids: np.ndarray, positions: np.ndarray, actual_ids: np.ndarray,
+        cand_ids: np.ndarray, actual_lps: np.ndarray, cand_lps: np.ndarray, k: int,
+    ) -> TeacherScores | None:
+        positions = np.asarray(positions, dtype=np.int32)
+        if len(positions) == 0:  # nothing supervised: keep the [0, k] shapes
+            cand_ids = np.zeros((0, max(k, 1)), dtype=np.int64)
+            cand_lps = np.zeros((0, max(k, 1)), dtype=np.float32)
+        if not np.array_equal(actual_ids, input_ids[positions]):
+            raise RuntimeError(f"{ex.source}: vLLM returned log-probs for different tokens than sent")
+        scores = TeacherScores(ex.seq_id, ex.source, input_ids, positions, actual_lps.astype(np.float32))
+        if k:
+            topk_ids, topk_lps, complete = select_real_topk(cand_ids, cand_lps, self.vocab_size, k)
+            if not complete.all():
+                return None
+            scores.topk_ids, scores.topk_logprobs = topk_ids, topk_lps
+            scores.tail_logmass = tail_logmass_from_topk(topk_lps)
+        return scores
+
+    def _full_vocab_scores(self, ex: TokenizedExample, flat: Any, settings: ScoringSettings) -> TeacherScores:
+        ids, lps = _flat_rows(flat, ex.num_tokens - 1, first_position=1)
+        rows = ex.target_positions.astype(np.int64) - 1
+        return self._scores_from_dense(ex, ex.input_ids.astype(np.int32), ex.target_positions, ids, lps, rows,
+                                       settings)
+
+    def _scores_from_dense(
+        self, ex: TokenizedExample, input_ids: np.ndarray, positions: np.ndarray, ids: np.ndarray,
+        lps: np.ndarray, rows: np.ndarray, settings: ScoringSettings,
+    ) -> TeacherScores:
+        """Top-k and samples from full-vocabulary rows (``ids``/``lps``: ``[R, 1 + rows]``)."""
+        k = settings.top_k
+        scores = self._assemble(ex, input_ids, positions, ids[rows, 0], ids[rows, 1:], lps[rows, 0],
+                                lps[rows, 1:], k)
+        assert scores is not None  # every real id is among the candidates
+        dense = np.full((len(rows), self.model_vocab_rows), -np.inf, dtype=np.float32)
+        np.put_along_axis(dense, ids[rows, 1:].astype(np.int64), lps[rows, 1:], axis=1)
+        offsets, sample_ids, counts = draw_counts(
+            sequence_rng(settings.seed, ex.seq_id), dense[:, : self.vocab_size], settings.num_samples
+        )
+        scores.sample_offsets, scores.sample_ids, scores.sample_counts = offsets, sample_ids, counts
+        return scores
+
+
+def _flat_rows(flat: Any, num_rows: int, first_position: int) -> tuple[np.ndarray, np.ndarray]:
+    """``FlatLogprobs`` -> ``(ids int64 [R, W], logprobs float32 [R, W])`` for positions
+    ``first_position .. first_position + R - 1``; every such position has the same width ``W``
+    (the scored token, then ranks 1..K), which is what vLLM produces for one request.
+    """
+    if num_rows <= 0 or flat is None:
+        return np.zeros((0, 1), dtype=np.int64), np.zeros((0, 1), dtype=np.float32)
+    start = flat.start_indices[first_position]
+    end = flat.end_indices[first_position + num_rows - 1]
+    width = flat.end_indices[first_position] - start
+    if width <= 0 or end - start != width * num_rows or len(flat.start_indices) != first_position + num_rows:
+        raise RuntimeError("unexpected FlatLogprobs layout from vLLM (positions of unequal width)")
+    count = end - start
+    ids = np.fromiter(flat.token_ids[start:end] if start else flat.token_ids, dtype=np.int64, count=count)
+    lps = np.fromiter(flat.logprobs[start:end] if start else flat.logprobs, dtype=np.float32, count=count)
+    return ids.reshape(num_rows, width), lps.reshape(num_rows, width)
+
+
+def _group_starts(positions: Sequence[int], width: int, budget: int) -> list[int]:
+    """Boundaries ``[0, ..., n]`` of consecutive groups holding at most ``budget`` log-prob
+    entries (``positions[i] * width`` each); an item larger than the budget stands alone."""
+    starts, used = [0], 0
+    for i, n in enumerate(positions):
+        cost = max(1, n) * width
+        if i > starts[-1] and used + cost > budget:
+            starts.append(i)
+            used = 0
+        used += cost
+    starts.append(len(positions))
+    return starts
+
+
+def _groups_by_entries(examples: Sequence[TokenizedExample], width: int, budget: int) -> Iterator[list]:
+    """``examples`` split by ``_group_starts`` over their scored positions (``L - 1`` each)."""
+    starts = _group_starts([ex.num_tokens - 1 for ex in examples], width, budget)
+    for lo, hi in zip(starts, starts[1:]):
+        yield list(examples[lo:hi])
+
+
+def _config_vocab_rows(model_dir: Path) -> int | None:
+    import json
+
+    config = json.loads((Path(model_dir) / "config.json").read_text())
+    rows = config.get("vocab_size") or (config.get("text_config") or {}).get("vocab_size")
+    return int(rows) if rows else None
+
+
+def _eos_ids(tokenizer: Any, model_dir: Path) -> list[int]:
+    """EOS ids from the tokenizer and ``generation_config.json`` (the engine has no tokenizer)."""
+    import json
+
+    ids = set()
+    if tokenizer.eos_token_id is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    gen_path = Path(model_dir) / "generation_config.json"
+    if gen_path.exists():
+        eos = json.loads(gen_path.read_text()).get("eos_token_id")
+        ids.update([eos] if isinstance(eos, int) else (eos or []))
+    return sorted(i for i in ids if i < len(tokenizer))
