@@ -172,7 +172,7 @@ def test_smollm2_gguf_through_vllm_matches_transformers(tmp_path):
                           {"role": "assistant", "content": t}]} for t in texts]
     data = _write_jsonl(tmp_path / "wiki.jsonl", rows)
     common = ["--teacher", str(smollm2_gguf_path()), "--dataset", str(data), "--top-k", "32",
-              "--max-length", "192", "--dtype", "float32", "--shard-size", "6", "--no-progress"]
+              "--max-length", "128", "--dtype", "float32", "--shard-size", "6", "--no-progress"]
     vllm_run = _run_cli("generate-teacher", *common, "--output", str(tmp_path / "vllm"), "--backend", "vllm",
                         env={"VLLM_CPU_KVCACHE_SPACE": "1"}, timeout=900)
     assert vllm_run.returncode == 0, vllm_run.stderr[-3000:]
@@ -181,6 +181,8 @@ def test_smollm2_gguf_through_vllm_matches_transformers(tmp_path):
     assert hf_run.returncode == 0, hf_run.stderr[-3000:]
 
     v_man = json.loads((tmp_path / "vllm" / "manifest.json").read_text())
+    lengths = [len(s.input_ids) for s in CacheReader(tmp_path / "vllm").iter_sequences()]
+    assert max(lengths) == 128, "some rows must be cut at --max-length (the engine's context limit case)"
     assert v_man["teacher"]["backend"] == "vllm" and v_man["teacher"]["gguf_sha256"]
     overlaps, diffs = [], []
     for v, h in zip(CacheReader(tmp_path / "vllm").iter_sequences(), CacheReader(tmp_path / "hf").iter_sequences()):

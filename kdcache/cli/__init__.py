@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 
 import click
@@ -37,6 +38,9 @@ _register()
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point: user errors print one line and exit 2, never a traceback."""
+    # vLLM logs its engine config and harmless warm-up tracebacks at INFO/WARNING; our own
+    # progress bar and summary say what matters. VLLM_LOGGING_LEVEL=INFO brings them back.
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
     try:
         cli.main(args=argv, prog_name="kdcache", standalone_mode=False)
     except KdcacheError as exc:

@@ -354,7 +354,8 @@ def _engine_options(cfg: GenerateConfig) -> dict:
         "tensor_parallel_size": cfg.tensor_parallel_size,
         "gpu_memory_utilization": cfg.gpu_memory_utilization,
         "max_num_batched_tokens": cfg.max_num_batched_tokens,
-        "max_model_len": cfg.max_model_len or cfg.max_length + (cfg.max_new_tokens if cfg.mode == "generate" else 0),
+        # vLLM counts the one token a scoring request must "generate" against the context length.
+        "max_model_len": cfg.max_model_len or cfg.max_length + (cfg.max_new_tokens if cfg.mode == "generate" else 1),
         "enforce_eager": cfg.enforce_eager,
         "seed": cfg.seed,
     }

@@ -289,7 +289,7 @@ class VLLMBackend(TeacherBackend):
             ) from None
 
     def _check_length(self, ex: TokenizedExample) -> None:
-        if ex.num_tokens > self.max_model_len:
+        if ex.num_tokens + 1 > self.max_model_len:  # a scoring request also "generates" one token
             raise KdcacheError(f"{ex.source}: {ex.num_tokens} tokens exceed the engine's max_model_len "
                                f"{self.max_model_len} (lower --max-length or raise max_model_len)")
 
