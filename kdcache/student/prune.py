@@ -48,6 +48,7 @@ def build_pruned_student(teacher_path: str | Path, out_dir: str | Path, num_laye
     config.num_hidden_layers = len(layers)
     if getattr(config, "layer_types", None):
         config.layer_types = [config.layer_types[i] for i in layers]
+    config.dtype = "float32"  # the teacher's (bf16) values, exactly upcast
     student = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     mapped = {}
     for key in student.state_dict():
