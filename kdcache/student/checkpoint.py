@@ -33,6 +33,7 @@ import torch
 
 from kdcache import __version__
 from kdcache.cache.manifest import write_json_atomic
+from kdcache.config import changed_keys
 from kdcache.errors import KdcacheError
 from kdcache.student.data import DataPosition
 
@@ -113,8 +114,7 @@ def claim_output(out: Path, settings: dict, *, resume: bool, overwrite: bool) ->
                 f"{out}: holds {what} train-student run; pass --resume to continue it or --overwrite to start over"
             )
         if existing.get("settings_hash") != payload["settings_hash"]:
-            old, new = existing.get("settings", {}), settings
-            diffs = [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+            diffs = changed_keys(existing.get("settings", {}), settings)
             raise KdcacheError(
                 f"{out}: --resume with different settings ({', '.join(diffs)} differ); "
                 "rerun with the original settings or use --overwrite"

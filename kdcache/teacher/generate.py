@@ -25,6 +25,7 @@ from kdcache.cache import format as fmt
 from kdcache.cache.manifest import validate_manifest, write_json_atomic
 from kdcache.cache.quantize import MAX_ABS_ERROR_COARSE, MAX_ABS_ERROR_FINE
 from kdcache.cache.writer import ShardRecord, load_shard_record, write_shard
+from kdcache.config import changed_keys
 from kdcache.errors import KdcacheError
 from kdcache.teacher.base import GenerationSettings, ScoringSettings
 
@@ -125,8 +126,7 @@ def claim_directory(out: Path, settings: dict) -> None:
             tmp.unlink(missing_ok=True)
     existing = json.loads(run_path.read_text())
     if existing.get("settings_hash") != payload["settings_hash"]:
-        old, new = existing.get("settings", {}), settings
-        diffs = [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+        diffs = changed_keys(existing.get("settings", {}), settings)
         raise KdcacheError(
             f"{out}: holds a cache made with different settings ({', '.join(diffs)} differ); "
             "use a new --output directory or rerun with the original settings"
