@@ -1,7 +1,27 @@
 """Stage two: train a student against a teacher cache (`train_student`) and score models on
-a cache (`evaluate_model`)."""
+a cache (`evaluate_model`).
 
-from kdcache.student.evaluate import evaluate, evaluate_model
-from kdcache.student.train import TrainConfig, train_student
+Imports are lazy so that `kdcache.student.losses` / `.chunked` (plain torch) stay usable
+without the cache stack (pyarrow, zstandard) installed.
+"""
 
-__all__ = ["TrainConfig", "train_student", "evaluate", "evaluate_model"]
+from __future__ import annotations
+
+from typing import Any
+
+_EXPORTS = {
+    "TrainConfig": "kdcache.student.train",
+    "train_student": "kdcache.student.train",
+    "evaluate": "kdcache.student.evaluate",
+    "evaluate_model": "kdcache.student.evaluate",
+}
+
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'kdcache.student' has no attribute {name!r}")
+    import importlib
+
+    return getattr(importlib.import_module(_EXPORTS[name]), name)

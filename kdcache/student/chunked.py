@@ -62,7 +62,9 @@ from kdcache.student.losses import (
 )
 
 #: Default budget for one chunk's float32 ``[C, V]`` buffer (the peak is about 1.5x this).
-DEFAULT_MAX_CHUNK_BYTES: int = 512 * 2**20
+# 1 GiB: on an H100 (Qwen2.5-1.5B shapes, 8k positions) 5 chunks ran 0.996x the SFT step time
+# against 1.009x for 10 chunks of 512 MiB, with the same peak under gradient checkpointing.
+DEFAULT_MAX_CHUNK_BYTES: int = 1 << 30
 
 _NEG_INF = float("-inf")
 
