@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import base64
-import json
 from pathlib import Path
 from typing import Iterator
 
@@ -179,12 +178,3 @@ def read_shard_file(path: str | Path, batch_rows: int = 64) -> Iterator[TeacherS
     meta = pf.schema_arrow.metadata
     _check_shard_meta(path, meta)
     yield from _iter_file(pf, decode_id_table(meta[fmt.META_ID_TABLE]), int(meta[fmt.META_TOP_K]), path, batch_rows)
-
-
-def load_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        raise KdcacheError(f"{path}: not found") from None
-    except ValueError as exc:
-        raise KdcacheError(f"{path}: invalid JSON ({exc})") from exc

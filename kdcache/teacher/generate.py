@@ -16,7 +16,7 @@ import math
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
@@ -361,7 +361,3 @@ def _engine_options(cfg: GenerateConfig) -> dict:
     }
     options.update(cfg.engine_options)
     return options
-
-
-def config_to_dict(cfg: GenerateConfig) -> dict:
-    return asdict(cfg)
