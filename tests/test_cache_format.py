@@ -112,6 +112,11 @@ def test_shard_write_is_atomic_and_unfinished_shards_are_invisible(tmp_path):
         handle.truncate(100)
     assert load_shard_record(tmp_path, 0) is None
     assert not list((tmp_path / fmt.SHARD_DIR).glob(".*tmp*"))
+    # temp files left by a writer killed mid-shard are removed when the shard is written again
+    (tmp_path / fmt.SHARD_DIR / ".part-00000.parquet.tmp-999").write_bytes(b"partial")
+    (tmp_path / fmt.SHARD_DIR / ".part-00000.json.tmp-999").write_bytes(b"{")
+    write_shard(tmp_path, 0, results, top_k=4)
+    assert not list((tmp_path / fmt.SHARD_DIR).glob(".*tmp*"))
 
 
 def test_full_disk_gives_one_line_error(tmp_path, monkeypatch):

@@ -224,6 +224,10 @@ def write_shard(
     name = fmt.SHARD_PATTERN.format(index=index)
     final = shard_dir / name
     tmp = shard_dir / f".{name}.tmp-{os.getpid()}"
+    # Leftovers of a run killed while writing this shard (only its owner ever writes an index).
+    record_name = fmt.SHARD_RECORD_PATTERN.format(index=index)
+    for stale in [*shard_dir.glob(f".{name}.tmp-*"), *shard_dir.glob(f".{record_name}.tmp-*")]:
+        stale.unlink(missing_ok=True)
     table, meta, stats = build_shard_table(results, top_k)
     meta[fmt.META_SHARD_INDEX] = str(index).encode()
     table = table.replace_schema_metadata(meta)
@@ -253,7 +257,7 @@ def write_shard(
             skipped=list(skipped),
             **stats,
         )
-        rec_path = shard_dir / fmt.SHARD_RECORD_PATTERN.format(index=index)
+        rec_path = shard_dir / record_name
         rec_tmp = rec_path.with_name(f".{rec_path.name}.tmp-{os.getpid()}")
         _fsync_write(rec_tmp, (json.dumps(record.to_json(), indent=1) + "\n").encode())
         os.replace(rec_tmp, rec_path)
