@@ -1,4 +1,4 @@
-"""Cache format v1: quantization bound, lossless round trip, atomic writes, schema files, verify."""
+"""Cache format: quantization bound, lossless round trip, atomic writes, schema files, verify."""
 
 from __future__ import annotations
 
@@ -85,9 +85,32 @@ def test_shard_round_trip(tmp_path, vocab, k):
         assert np.abs(a.target_logprobs - b.target_logprobs)[a.target_logprobs >= np.log(1e-4)].max(initial=0) <= 2e-3
         np.testing.assert_array_equal(a.tail_logmass, b.tail_logmass)  # stored exactly (float32)
         np.testing.assert_array_equal(a.sample_offsets, b.sample_offsets)
-        np.testing.assert_array_equal(a.sample_ids, b.sample_ids)
-        np.testing.assert_array_equal(a.sample_counts, b.sample_counts)
+        assert _sample_dicts(a) == _sample_dicts(b)  # order within a position carries no meaning
         assert (b.sample_counts.sum() == 20 * b.num_targets)
+
+
+def _sample_dicts(scores: TeacherScores) -> list[dict[int, int]]:
+    off = scores.sample_offsets
+    return [
+        dict(zip(scores.sample_ids[off[i] : off[i + 1]].tolist(), scores.sample_counts[off[i] : off[i + 1]].tolist()))
+        for i in range(off.shape[0] - 1)
+    ]
+
+
+def test_sample_counts_above_255_and_shared_id_table(tmp_path):
+    """N > 255 needs the counts' second byte plane; top-k and samples share one id table."""
+    rng = np.random.default_rng(5)
+    results = [_random_scores(rng, i, 50, 4, n_samples=1000) for i in range(3)]
+    assert max(int(r.sample_counts.max()) for r in results) > 255
+    record = write_shard(tmp_path, 0, results, top_k=4)
+    back = list(read_shard_file(tmp_path / record.file))
+    for a, b in zip(results, back):
+        assert _sample_dicts(a) == _sample_dicts(b)
+        np.testing.assert_array_equal(a.topk_ids, b.topk_ids)
+    table = pq.read_table(tmp_path / record.file)
+    assert table.column("sample_count_b1").combine_chunks().buffers()[2] is not None
+    small = write_shard(tmp_path, 1, [_random_scores(rng, 9, 50, 4, n_samples=20)], top_k=4)
+    assert pq.read_table(tmp_path / small.file).column("sample_count_b1").to_pylist() == [b""]
 
 
 def test_tail_logmass_is_exact_complement():
@@ -122,14 +145,18 @@ def test_shard_write_is_atomic_and_unfinished_shards_are_invisible(tmp_path):
 def test_full_disk_gives_one_line_error(tmp_path, monkeypatch):
     import errno
 
-    def no_space(*_a, **_k):
+    from kdcache.cache import writer
+
+    def half_then_no_space(path, data):  # the disk fills up in the middle of the shard
+        Path(path).write_bytes(bytes(data[: len(data) // 2]))
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(pq, "write_table", no_space)
+    monkeypatch.setattr(writer, "_fsync_write", half_then_no_space)
     rng = np.random.default_rng(2)
     with pytest.raises(KdcacheError, match="disk full.*rerun the same command"):
         write_shard(tmp_path, 0, [_random_scores(rng, 0, 50, 4)], top_k=4)
     assert load_shard_record(tmp_path, 0) is None
+    assert list((tmp_path / fmt.SHARD_DIR).iterdir()) == []  # the partial temp file is gone
 
 
 def test_schema_files_are_up_to_date(tmp_path):
@@ -145,7 +172,7 @@ def test_schema_files_are_up_to_date(tmp_path):
 def _finished_cache(tmp_path: Path, n_shards: int = 2, rows_per_shard: int = 4) -> Path:
     rng = np.random.default_rng(3)
     settings = {
-        "format_version": 1, "teacher": {}, "tokenizer": {"vocab_size": 200, "vocab_sha256": "x",
+        "format_version": fmt.FORMAT_VERSION, "teacher": {}, "tokenizer": {"vocab_size": 200, "vocab_sha256": "x",
         "special_tokens": {}, "chat_template_sha256": None}, "top_k": 8,
         "sampling": {"mode": "none", "num_samples": 0, "seed": 0}, "mode": "score", "generation": None,
         "dataset": {"fingerprint": "f", "format": "text"}, "max_length": 64, "shard_size": rows_per_shard,
@@ -188,7 +215,11 @@ def test_unsupported_version_and_missing_manifest(tmp_path):
     manifest = json.loads((cache / "manifest.json").read_text())
     manifest["format_version"] = 99
     (cache / "manifest.json").write_text(json.dumps(manifest))
-    with pytest.raises(KdcacheError, match="v99 is not supported"):
+    with pytest.raises(KdcacheError, match="v99 is not supported.*upgrade kdcache"):
+        CacheReader(cache)
+    manifest["format_version"] = 1  # a kdcache 0.1 cache: regenerate, not upgrade
+    (cache / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(KdcacheError, match="v1 is not supported.*regenerate the cache"):
         CacheReader(cache)
     (cache / "manifest.json").unlink()
     with pytest.raises(KdcacheError, match="unfinished"):

@@ -199,6 +199,15 @@ def evaluate_sets(
     return out
 
 
+def standard_error(values: Iterable[float]) -> float:
+    """Sample standard deviation / sqrt(n) of the finite values; NaN for fewer than two."""
+    vals = [v for v in values if v is not None and math.isfinite(v)]
+    if len(vals) < 2:
+        return float("nan")
+    mean = sum(vals) / len(vals)
+    return math.sqrt(sum((v - mean) ** 2 for v in vals) / (len(vals) - 1) / len(vals))
+
+
 def mean_and_spread(values: Iterable[float]) -> tuple[float, float]:
     """Mean and half-range (0 for one value) of finite values; NaNs if none."""
     vals = [v for v in values if v is not None and math.isfinite(v)]

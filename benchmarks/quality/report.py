@@ -10,7 +10,7 @@ import platform
 from pathlib import Path
 from typing import Any, Sequence
 
-from benchmarks.quality.metrics import gap_closed, mean_and_spread
+from benchmarks.quality.metrics import gap_closed, mean_and_spread, standard_error
 
 SETS = ("text", "chat")
 
@@ -116,6 +116,8 @@ def summarize(arms: Sequence[dict]) -> list[dict]:
                 if sft is not None and online is not None:
                     gaps.append(gap_closed(sft, a["metrics"]["text"][key], online))
             row[label], row[f"{label}_pm"] = mean_and_spread(gaps)
+            row[f"{label}_per_seed"] = gaps
+            row[f"{label}_se"] = standard_error(gaps)
         rows.append(row)
     return rows
 
@@ -190,6 +192,23 @@ def markdown(results: dict) -> str:
             f"| {_fmt(row['gap_closed_kl'], pm=row['gap_closed_kl_pm'], percent=True)} "
             f"| {', '.join(map(str, row['seeds']))} |"
         )
+    multi = [row for row in summary if row["status"] == "ok" and row["loss"] not in ("sft", "online")
+             and len(row.get("gap_closed_per_seed", [])) > 1]
+    if multi:
+        lines += [
+            "",
+            "Gap closed per seed (held-out text CE; each seed against the SFT and online runs of the same "
+            "seed), mean ± standard error:",
+            "",
+            "| arm | per seed | mean ± s.e. (CE) | mean ± s.e. (KL) |",
+            "|---|---|---:|---:|",
+        ]
+        for row in multi:
+            per_seed = ", ".join(f"{100 * g:.0f}%" for g in row["gap_closed_per_seed"])
+            lines.append(
+                f"| {row['arm']} | {per_seed} | {100 * row['gap_closed']:.0f}% ± {100 * row['gap_closed_se']:.0f}% "
+                f"| {100 * row['gap_closed_kl']:.0f}% ± {100 * row['gap_closed_kl_se']:.0f}% |"
+            )
     lines += [
         "",
         "## Held-out instructions (\"Tell me about <title>.\" → Wikipedia lead; response tokens only)",

@@ -1,8 +1,8 @@
-"""Cache format v1: the Parquet shard schema, its encodings, and the shard file layout.
+"""Cache format (version ``FORMAT_VERSION``): the Parquet shard schema, its encodings, and the shard file layout.
 
 One Parquet row per sequence. Per-position lists are flattened row-major, so a row with
 ``S`` supervised positions and top-k ``k`` has ``S * k`` entries in each top-k column.
-The human-readable spec is ``schemas/v1/FORMAT.md``; ``python -m kdcache.cache.format
+The human-readable spec is ``schemas/v2/FORMAT.md``; ``python -m kdcache.cache.format
 schemas`` regenerates the machine-readable files there from this module.
 """
 
@@ -14,9 +14,13 @@ from pathlib import Path
 
 import pyarrow as pa
 
+from kdcache.errors import KdcacheError
+
 FORMAT_NAME = "kdcache"
-FORMAT_VERSION = 1
-SUPPORTED_VERSIONS = (1,)
+FORMAT_VERSION = 2
+SUPPORTED_VERSIONS = (2,)
+# v1 (kdcache 0.1.x) stored sampled ids as raw id gaps and counts as list<uint16>, and an
+# uncompressed-delta id table that the Arrow schema in the footer repeated.
 
 SHARD_DIR = "shards"
 MANIFEST_NAME = "manifest.json"
@@ -26,11 +30,11 @@ SHARD_RECORD_PATTERN = "part-{index:05d}.json"
 
 # Parquet key/value metadata keys written in every shard footer.
 META_VERSION = b"kdcache.format_version"
-META_ID_TABLE = b"kdcache.topk_id_table"  # zstd+base64 uint32 table: code -> token id
+META_ID_TABLE = b"kdcache.id_table"  # zstd+base64 uint32 table: code -> token id
 META_SHARD_INDEX = b"kdcache.shard_index"
 META_TOP_K = b"kdcache.top_k"
 
-ZSTD_LEVEL = 3
+ZSTD_LEVEL = 1
 
 COLUMNS_DOC: dict[str, str] = {
     "seq_id": "int64. 0-based row index in the input stream; shard i holds a fixed seq_id range.",
@@ -44,7 +48,7 @@ COLUMNS_DOC: dict[str, str] = {
     "topk_code_b0": "binary [S*k bytes]. Byte 0 (least significant) of each top-k code; with b1 and b2 "
     "it forms a 24-bit code per entry: code = b0 | b1 << 8 | b2 << 16. Per position, the top-k "
     "token ids by descending log-prob, each as its code in the shard's id table (footer key "
-    "kdcache.topk_id_table: ids ordered by how often they occur in the shard's top-k lists); "
+    "kdcache.id_table: ids ordered by how often they occur in the shard's top-k lists and samples); "
     "id = table[code].",
     "topk_code_b1": "binary [S*k bytes]. Byte 1 of each top-k code.",
     "topk_code_b2": "binary [S*k bytes, or empty when the shard's id table has <= 65536 ids]. Byte 2.",
@@ -53,14 +57,26 @@ COLUMNS_DOC: dict[str, str] = {
     "codes (codes are non-decreasing along descending log-prob); codes = cumulative sum of g.",
     "topk_lpq_b1": "binary [S*k bytes]. High byte of each top-k log-prob gap.",
     "sample_lengths": "list<uint16> [S]. Random-sampling mode: number of unique sampled ids per position.",
-    "sample_id_gaps": "list<uint32> [sum(sample_lengths)]. Per position: the smallest sampled id, then "
-    "gaps to the next (ids ascending).",
-    "sample_counts": "list<uint16> [sum(sample_lengths)]. How many of the N draws hit each id.",
+    "sample_code_gaps": "list<uint32> [M = sum(sample_lengths)]. Per position, the sampled ids as codes "
+    "in the shard's id table (as for top-k), ascending: the smallest code, then the gaps to the next.",
+    "sample_count_b0": "binary [M bytes]. Low byte of how many of the N draws hit each sampled id "
+    "(same order as sample_code_gaps).",
+    "sample_count_b1": "binary [M bytes, or empty when every count of the shard is <= 255]. High byte.",
 }
 
 
+def version_error(where: Path | str, version: int) -> KdcacheError:
+    """The one-line refusal for a cache format this kdcache does not read."""
+    supported = ", v".join(map(str, SUPPORTED_VERSIONS))
+    if version < min(SUPPORTED_VERSIONS):
+        hint = "regenerate the cache with this kdcache (or read it with the kdcache version that wrote it)"
+    else:
+        hint = "upgrade kdcache"
+    return KdcacheError(f"{where}: cache format v{version} is not supported (this kdcache reads v{supported}); {hint}")
+
+
 def shard_schema() -> pa.Schema:
-    """The Arrow schema of every v1 shard (top-k and sampling columns are always present;
+    """The Arrow schema of every shard of the current format version (top-k and sampling columns are always present;
     unused ones hold empty lists)."""
     return pa.schema(
         [
@@ -76,14 +92,15 @@ def shard_schema() -> pa.Schema:
             pa.field("topk_lpq_b0", pa.binary(), nullable=False),
             pa.field("topk_lpq_b1", pa.binary(), nullable=False),
             pa.field("sample_lengths", pa.list_(pa.uint16()), nullable=False),
-            pa.field("sample_id_gaps", pa.list_(pa.uint32()), nullable=False),
-            pa.field("sample_counts", pa.list_(pa.uint16()), nullable=False),
+            pa.field("sample_code_gaps", pa.list_(pa.uint32()), nullable=False),
+            pa.field("sample_count_b0", pa.binary(), nullable=False),
+            pa.field("sample_count_b1", pa.binary(), nullable=False),
         ]
     )
 
 
 def shard_schema_json() -> dict:
-    """Language-neutral description of the shard schema (written to schemas/v1/shard.schema.json)."""
+    """Language-neutral description of the shard schema (written to schemas/vN/shard.schema.json)."""
     schema = shard_schema()
     return {
         "format": FORMAT_NAME,
@@ -98,13 +115,13 @@ def shard_schema_json() -> dict:
             META_VERSION.decode(): "format version as decimal text",
             META_SHARD_INDEX.decode(): "shard index as decimal text",
             META_TOP_K.decode(): "k as decimal text",
-            META_ID_TABLE.decode(): "base64 of zstd-compressed little-endian uint32 array: code -> token id",
+            META_ID_TABLE.decode(): "code -> token id table: base64 of zstd of the byte planes (b0 of every entry, then b1, b2, b3) of the little-endian int32 deltas of the table (table = cumsum(deltas))",
         },
     }
 
 
 def write_schema_files(out_dir: str | Path) -> list[Path]:
-    """Regenerate ``schemas/v1/*.json`` from the code (a test checks they are up to date)."""
+    """Regenerate ``schemas/vN/*.json`` (N = FORMAT_VERSION) from the code (a test checks they are up to date)."""
     from kdcache.cache.manifest import manifest_json_schema
 
     out = Path(out_dir) / f"v{FORMAT_VERSION}"

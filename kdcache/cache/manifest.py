@@ -37,7 +37,7 @@ _SHARD = {
 
 
 def manifest_json_schema() -> dict:
-    """JSON Schema (draft 2020-12) of a v1 manifest."""
+    """JSON Schema (draft 2020-12) of a manifest of the current format version."""
     return {
         "$schema": "https://json-schema.org/draft/2020-12/schema",
         "title": "kdcache cache manifest",
@@ -112,10 +112,7 @@ def manifest_json_schema() -> dict:
 def validate_manifest(manifest: dict, path: Path) -> None:
     version = manifest.get("format_version") if isinstance(manifest, dict) else None
     if isinstance(version, int) and version not in fmt.SUPPORTED_VERSIONS:
-        raise KdcacheError(
-            f"{path}: cache format v{version} is not supported (this kdcache reads "
-            f"v{', v'.join(map(str, fmt.SUPPORTED_VERSIONS))}); upgrade kdcache or regenerate the cache"
-        )
+        raise fmt.version_error(path, version)
     try:
         jsonschema.validate(manifest, manifest_json_schema())
     except jsonschema.ValidationError as exc:

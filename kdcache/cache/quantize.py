@@ -1,4 +1,4 @@
-"""Log-probability quantization for cache format v1.
+"""Log-probability quantization (the same two-zone scheme in cache formats v1 and v2).
 
 A log-prob ``lp <= 0`` (nats) is stored as a uint16 code of ``-lp``:
 

@@ -18,8 +18,10 @@ from kdcache.errors import KdcacheError
 
 
 def decode_id_table(blob: bytes) -> np.ndarray:
-    raw = zstandard.ZstdDecompressor().decompress(base64.b64decode(blob))
-    return np.frombuffer(raw, dtype="<u4").astype(np.int64)
+    """Inverse of :func:`kdcache.cache.writer.encode_id_table`: code -> token id, int64."""
+    planes = np.frombuffer(zstandard.ZstdDecompressor().decompress(base64.b64decode(blob)), dtype=np.uint8)
+    deltas = np.ascontiguousarray(planes.reshape(4, -1).T).view("<i4").reshape(-1)
+    return np.cumsum(deltas, dtype=np.int64)
 
 
 def _check_shard_meta(path: Path, meta: dict[bytes, bytes] | None) -> None:
@@ -27,10 +29,7 @@ def _check_shard_meta(path: Path, meta: dict[bytes, bytes] | None) -> None:
         raise KdcacheError(f"{path}: not a kdcache shard (no format version in its footer)")
     version = int(meta[fmt.META_VERSION])
     if version not in fmt.SUPPORTED_VERSIONS:
-        raise KdcacheError(
-            f"{path}: cache format v{version} is not supported by this kdcache (reads "
-            f"v{', v'.join(map(str, fmt.SUPPORTED_VERSIONS))}); upgrade kdcache or regenerate the cache"
-        )
+        raise fmt.version_error(path, version)
 
 
 def _flat(batch, name: str) -> tuple[np.ndarray, np.ndarray]:
@@ -77,16 +76,16 @@ def decode_batch(batch, id_table: np.ndarray, top_k: int) -> Iterator[TeacherSco
     len_off, lengths = _flat(batch, "sample_lengths")
     has_samples = lengths.shape[0] == positions.shape[0] and lengths.shape[0] > 0
     if has_samples:
-        ent_off, gaps_s = _flat(batch, "sample_id_gaps")
-        counts = _flat(batch, "sample_counts")[1].astype(np.int32)
+        ent_off, code_gaps = _flat(batch, "sample_code_gaps")
+        counts = _planes(batch, ("sample_count_b0", "sample_count_b1")).astype(np.int32)
         pos_starts = np.zeros(lengths.shape[0] + 1, dtype=np.int64)
         np.cumsum(lengths, out=pos_starts[1:])
-        # Each position's first gap is absolute: ids = running sum minus the sum before the position.
-        total = np.cumsum(gaps_s.astype(np.int64))
+        # Each position's first gap is absolute: codes = running sum minus the sum before the position.
+        total = np.cumsum(code_gaps.astype(np.int64))
         before = np.zeros_like(total)
         starts = pos_starts[:-1][lengths > 0]
-        before[starts] = total[starts] - gaps_s[starts]
-        sample_ids = (total - np.maximum.accumulate(before)).astype(np.int32)
+        before[starts] = total[starts] - code_gaps[starts]
+        sample_ids = id_table[total - np.maximum.accumulate(before)].astype(np.int32)
     for i in range(len(seq_ids)):
         a, b = pos_off[i], pos_off[i + 1]
         result = TeacherScores(

@@ -1,4 +1,4 @@
-"""Encode teacher results into v1 shards and write them atomically.
+"""Encode teacher results into cache-format shards and write them atomically.
 
 A shard is first written to ``.part-NNNNN.parquet.tmp-<pid>``, fsynced, then renamed; its
 record (``part-NNNNN.json``: counts, bytes, sha256) is written the same way *after* the
@@ -73,33 +73,83 @@ def _cat(arrays: list[np.ndarray], dtype) -> np.ndarray:
     return np.concatenate(arrays).astype(dtype, copy=False) if arrays else np.zeros(0, dtype)
 
 
-def encode_topk(topk_ids: np.ndarray, topk_logprobs: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Encode ``[P, k]`` top-k ids/log-probs (descending) of a whole shard.
+def frequency_id_table(*id_arrays: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The shard's id table and its inverse, from every id the shard stores (top-k and samples).
 
-    Returns ``(codes uint32 [P*k], logprob_q uint16 [P*k], id_table uint32 [n_ids])`` where
-    ``id_table[codes] == topk_ids.ravel()``; frequent ids get small codes, which is what
-    makes the high bytes of the codes compress to almost nothing.
+    Returns ``(id_table uint32 [n_ids], code_of uint32 [max_id + 1])``: ``id_table`` lists
+    the distinct ids, most frequent first, and ``code_of[id_table] == arange(n_ids)``.
+    Frequent ids get small codes, which is what makes the high bytes of the codes (and
+    the gaps between sorted codes) compress to almost nothing.
     """
-    ids = topk_ids.reshape(-1).astype(np.int64, copy=False)
-    if ids.size == 0:
-        return np.zeros(0, np.uint32), np.zeros(0, np.uint16), np.zeros(0, np.uint32)
-    counts = np.bincount(ids)
+    arrays = [a.reshape(-1) for a in id_arrays if a.size]
+    if not arrays:
+        return np.zeros(0, np.uint32), np.zeros(0, np.uint32)
+    counts = np.bincount(arrays[0], minlength=max(int(a.max()) for a in arrays) + 1)
+    for extra in arrays[1:]:
+        counts += np.bincount(extra, minlength=counts.shape[0])
     present = np.flatnonzero(counts)
     id_table = present[np.argsort(-counts[present], kind="stable")].astype(np.uint32)
     code_of = np.zeros(counts.shape[0], dtype=np.uint32)
     code_of[id_table] = np.arange(id_table.shape[0], dtype=np.uint32)
+    return id_table, code_of
+
+
+def encode_topk(topk_ids: np.ndarray, topk_logprobs: np.ndarray, code_of: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Encode ``[P, k]`` top-k ids/log-probs (descending) of a whole shard.
+
+    Returns ``(codes uint32 [P*k], logprob_gaps uint16 [P*k])``: each id's code in the
+    shard's id table, and per position the top-1 log-prob code followed by the gaps between
+    consecutive codes.
+    """
+    if topk_ids.size == 0:
+        return np.zeros(0, np.uint32), np.zeros(0, np.uint16)
     q = quantize_logprobs(topk_logprobs)
     gaps = np.empty_like(q)
     gaps[:, 0] = q[:, 0]
     np.subtract(q[:, 1:], q[:, :-1], out=gaps[:, 1:])
     if (q[:, 1:] < q[:, :-1]).any():
         raise KdcacheError("top-k log-probs must be sorted in descending order per position (backend bug)")
-    return np.ascontiguousarray(code_of[ids], dtype="<u4"), np.ascontiguousarray(gaps.reshape(-1), dtype="<u2"), id_table
+    codes = code_of[topk_ids.reshape(-1)]
+    return np.ascontiguousarray(codes, dtype="<u4"), np.ascontiguousarray(gaps.reshape(-1), dtype="<u2")
+
+
+def encode_samples(
+    lengths: np.ndarray, sample_ids: np.ndarray, counts: np.ndarray, code_of: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Encode the unique sampled ids of a shard's ``P`` positions.
+
+    Args:
+        lengths: int ``[P]`` unique ids per position.
+        sample_ids: int ``[M]`` the ids, position after position (any order within one).
+        counts: int ``[M]`` draws that hit each id.
+        code_of: the shard's id -> code map (:func:`frequency_id_table`).
+
+    Returns ``(code_gaps uint32 [M], counts uint16 [M])``: per position the codes in
+    ascending order, stored as the first code then the gaps, and the counts in that order.
+    """
+    if sample_ids.size == 0:
+        return np.zeros(0, np.uint32), np.zeros(0, np.uint16)
+    position = np.repeat(np.arange(lengths.shape[0], dtype=np.int64), lengths)
+    codes = code_of[sample_ids].astype(np.int64)
+    order = np.argsort((position << 32) | codes, kind="stable")
+    codes = codes[order]
+    code_gaps = np.diff(codes, prepend=0)
+    starts = np.zeros(lengths.shape[0], dtype=np.int64)
+    np.cumsum(lengths[:-1], out=starts[1:])
+    starts = starts[lengths > 0]
+    code_gaps[starts] = codes[starts]
+    return code_gaps.astype("<u4"), np.asarray(counts)[order].astype("<u2")
 
 
 def encode_id_table(id_table: np.ndarray) -> bytes:
-    raw = np.ascontiguousarray(id_table, dtype="<u4").tobytes()
-    return base64.b64encode(zstandard.ZstdCompressor(level=3).compress(raw))
+    """Footer form of the id table: base64(zstd(byte planes of the int32 deltas of the table)).
+
+    Ids of equal frequency are listed in ascending order, so most deltas are small; a 20k-id
+    table takes ~14 KB instead of ~44 KB as raw uint32.
+    """
+    deltas = np.diff(np.asarray(id_table, dtype=np.int64), prepend=0).astype("<i4")
+    planes = deltas.view(np.uint8).reshape(-1, 4).T.tobytes()
+    return base64.b64encode(zstandard.ZstdCompressor(level=19).compress(planes))
 
 
 def build_shard_table(results: Sequence[TeacherScores], top_k: int) -> tuple[pa.Table, dict[bytes, bytes], dict]:
@@ -122,17 +172,26 @@ def build_shard_table(results: Sequence[TeacherScores], top_k: int) -> tuple[pa.
             targets_off, quantize_logprobs(_cat([r.target_logprobs for r in results], np.float32)), pa.uint16()
         ),
     }
-    id_table = np.zeros(0, np.uint32)
     mass_sum = 0.0
     zero_off = np.zeros(len(results) + 1, np.int32)
+    topk_ids = np.zeros((0, max(top_k, 0)), np.int32)
     if has_topk:
         for r in results:
             if r.topk_ids is None or r.topk_ids.shape != (r.num_targets, top_k):
                 raise KdcacheError(f"{r.source}: teacher returned top-k of shape "
                                    f"{None if r.topk_ids is None else r.topk_ids.shape}, expected ({r.num_targets}, {top_k})")
-        topk_ids = _cat([r.topk_ids for r in results], np.int64).reshape(-1, top_k)
+        topk_ids = _cat([r.topk_ids for r in results], np.int32).reshape(-1, top_k)
+    sample_ids = np.zeros(0, np.int64)
+    if has_samples:
+        for r in results:
+            if r.sample_offsets is None:
+                raise KdcacheError(f"{r.source}: missing sampled tokens while other rows have them")
+        sample_ids = _cat([r.sample_ids for r in results], np.int64)
+    id_table, code_of = frequency_id_table(topk_ids, sample_ids)
+
+    if has_topk:
         topk_lp = _cat([r.topk_logprobs for r in results], np.float32).reshape(-1, top_k)
-        codes, gaps, id_table = encode_topk(topk_ids, topk_lp)
+        codes, gaps = encode_topk(topk_ids, topk_lp, code_of)
         entries_off = targets_off * top_k
         cols["tail_logmass"] = _list_array(targets_off, _cat([r.tail_logmass for r in results], np.float32), pa.float32())
         code_bytes = codes.view(np.uint8).reshape(-1, 4)
@@ -150,29 +209,22 @@ def build_shard_table(results: Sequence[TeacherScores], top_k: int) -> tuple[pa.
         for name in ("topk_code_b0", "topk_code_b1", "topk_code_b2", "topk_lpq_b0", "topk_lpq_b1"):
             cols[name] = _byte_plane(zero_off, None)
 
-    n_sample_entries = 0
+    n_sample_entries = int(sample_ids.shape[0])
     if has_samples:
-        lengths, gaps_list, counts_list = [], [], []
-        for r in results:
-            if r.sample_offsets is None:
-                raise KdcacheError(f"{r.source}: missing sampled tokens while other rows have them")
-            per_pos = np.diff(r.sample_offsets)
-            ids = r.sample_ids.astype(np.int64)
-            gaps = np.diff(ids, prepend=0)
-            gaps[r.sample_offsets[:-1][per_pos > 0]] = ids[r.sample_offsets[:-1][per_pos > 0]]
-            lengths.append(per_pos)
-            gaps_list.append(gaps)
-            counts_list.append(r.sample_counts)
-        row_entries = [int(len(g)) for g in gaps_list]
-        n_sample_entries = sum(row_entries)
-        ent_off = _offsets(row_entries)
-        cols["sample_lengths"] = _list_array(targets_off, _cat(lengths, np.uint16), pa.uint16())
-        cols["sample_id_gaps"] = _list_array(ent_off, _cat(gaps_list, np.uint32), pa.uint32())
-        cols["sample_counts"] = _list_array(ent_off, _cat(counts_list, np.uint16), pa.uint16())
+        lengths = _cat([np.diff(r.sample_offsets) for r in results], np.int64)
+        code_gaps, counts = encode_samples(lengths, sample_ids, _cat([r.sample_counts for r in results], np.int64), code_of)
+        ent_off = _offsets([len(r.sample_ids) for r in results])
+        count_bytes = counts.view(np.uint8).reshape(-1, 2)
+        cols["sample_lengths"] = _list_array(targets_off, lengths.astype(np.uint16), pa.uint16())
+        cols["sample_code_gaps"] = _list_array(ent_off, code_gaps, pa.uint32())
+        cols["sample_count_b0"] = _byte_plane(ent_off, count_bytes[:, 0])
+        wide_counts = counts.size > 0 and int(counts.max()) > 255
+        cols["sample_count_b1"] = _byte_plane(ent_off if wide_counts else zero_off, count_bytes[:, 1] if wide_counts else None)
     else:
         cols["sample_lengths"] = _list_array(zero_off, np.zeros(0, np.uint16), pa.uint16())
-        cols["sample_id_gaps"] = _list_array(zero_off, np.zeros(0, np.uint32), pa.uint32())
-        cols["sample_counts"] = _list_array(zero_off, np.zeros(0, np.uint16), pa.uint16())
+        cols["sample_code_gaps"] = _list_array(zero_off, np.zeros(0, np.uint32), pa.uint32())
+        cols["sample_count_b0"] = _byte_plane(zero_off, None)
+        cols["sample_count_b1"] = _byte_plane(zero_off, None)
 
     table = pa.Table.from_arrays([cols[f.name] for f in fmt.shard_schema()], schema=fmt.shard_schema())
     meta = {
@@ -190,7 +242,7 @@ def build_shard_table(results: Sequence[TeacherScores], top_k: int) -> tuple[pa.
     return table, meta, stats
 
 
-def _fsync_write(path: Path, data: bytes) -> None:
+def _fsync_write(path: Path, data: bytes | memoryview) -> None:
     with open(path, "wb") as handle:
         handle.write(data)
         handle.flush()
@@ -230,30 +282,34 @@ def write_shard(
         stale.unlink(missing_ok=True)
     table, meta, stats = build_shard_table(results, top_k)
     meta[fmt.META_SHARD_INDEX] = str(index).encode()
-    table = table.replace_schema_metadata(meta)
     seq_ids = [r.seq_id for r in results] + [int(s["seq_id"]) for s in skipped]
     try:
-        pq.write_table(
-            table,
-            tmp,
+        # Encode into memory, hash that buffer, then one write + fsync: the file is never read back.
+        sink = pa.BufferOutputStream()
+        with pq.ParquetWriter(
+            sink,
+            table.schema,
             compression="zstd",
             compression_level=zstd_level,
             use_dictionary=["source"],
-            use_byte_stream_split=["target_logprob_q.list.element", "sample_id_gaps.list.element"],
+            use_byte_stream_split=["target_logprob_q.list.element", "tail_logmass.list.element", "sample_code_gaps.list.element"],
             write_statistics=["seq_id"],
-            row_group_size=max(1, len(results)),
             data_page_size=1 << 20,
-        )
-        with open(tmp, "rb+") as handle:
-            os.fsync(handle.fileno())
+            store_schema=False,  # the Arrow schema would repeat the footer metadata (the id table)
+        ) as writer:
+            writer.write_table(table, row_group_size=max(1, len(results)))
+            writer.add_key_value_metadata(meta)
+        encoded = sink.getvalue()
+        sha256 = hashlib.sha256(memoryview(encoded)).hexdigest()
+        _fsync_write(tmp, memoryview(encoded))
         os.replace(tmp, final)
         record = ShardRecord(
             index=index,
             file=f"{fmt.SHARD_DIR}/{name}",
             first_seq_id=min(seq_ids) if seq_ids else -1,
             last_seq_id=max(seq_ids) if seq_ids else -1,
-            bytes=final.stat().st_size,
-            sha256=file_sha256(final),
+            bytes=encoded.size,
+            sha256=sha256,
             skipped=list(skipped),
             **stats,
         )

@@ -1,0 +1,105 @@
+"""Where a cache's bytes go, and how far each top-k column is from its order-0 entropy.
+
+    python benchmarks/bench_storage.py CACHE_DIR [--json]
+
+Prints bytes per supervised token per Parquet column (compressed, from the footers), bytes
+per top-k entry, and the order-0 Shannon entropy of the symbols the top-k columns encode
+(the 16/24-bit id codes and the log-prob gaps, each as one symbol), computed per shard with
+the shard's own symbol frequencies. A coder that sees each symbol on its own (Huffman, zstd's
+literals, an order-0 arithmetic coder) cannot go below that floor; getting lower needs a
+model that conditions on context (rank, neighbouring positions, the text).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import platform
+from pathlib import Path
+
+import numpy as np
+
+
+def entropy_bytes(symbols: np.ndarray) -> float:
+    """Total order-0 entropy of ``symbols`` in bytes (sum over symbols of -log2 p / 8)."""
+    if symbols.size == 0:
+        return 0.0
+    _, counts = np.unique(symbols, return_counts=True)
+    p = counts / counts.sum()
+    return float(-(counts * np.log2(p)).sum() / 8)
+
+
+def analyze(cache_dir: Path) -> dict:
+    import pyarrow
+    import pyarrow.parquet as pq
+
+    from kdcache.cache.reader import CacheReader, _planes
+
+    reader = CacheReader(cache_dir)
+    k = reader.top_k
+    column_bytes: collections.Counter = collections.Counter()
+    footer_bytes = file_bytes = 0
+    floor_codes = floor_gaps = 0.0
+    tokens = 0
+    for shard in reader.shards:
+        path = reader.shard_path(shard)
+        pf = pq.ParquetFile(path)
+        meta = pf.metadata
+        for rg in range(meta.num_row_groups):
+            for c in range(meta.num_columns):
+                col = meta.row_group(rg).column(c)
+                column_bytes[col.path_in_schema.split(".")[0]] += col.total_compressed_size
+        footer_bytes += meta.serialized_size
+        file_bytes += path.stat().st_size
+        tokens += shard["supervised_tokens"]
+        if k:
+            table = pf.read(columns=["topk_code_b0", "topk_code_b1", "topk_code_b2", "topk_lpq_b0", "topk_lpq_b1"])
+            for batch in table.to_batches():
+                floor_codes += entropy_bytes(_planes(batch, ("topk_code_b0", "topk_code_b1", "topk_code_b2")))
+                floor_gaps += entropy_bytes(_planes(batch, ("topk_lpq_b0", "topk_lpq_b1")))
+    entries = tokens * k
+    per_token = {name: round(b / tokens, 3) for name, b in sorted(column_bytes.items())}
+    result = {
+        "cache": str(cache_dir),
+        "supervised_tokens": tokens,
+        "top_k": k,
+        "num_samples": reader.num_samples,
+        "bytes_per_token": round(file_bytes / tokens, 3),
+        "footer_bytes_per_token": round(footer_bytes / tokens, 3),
+        "column_bytes_per_token": per_token,
+        "machine": platform.processor() or platform.machine(),
+        "pyarrow": pyarrow.__version__,
+    }
+    if k:
+        topk_cols = ("topk_code_b0", "topk_code_b1", "topk_code_b2", "topk_lpq_b0", "topk_lpq_b1")
+        stored = sum(column_bytes[c] for c in topk_cols)
+        result.update({
+            "bytes_per_entry_all_columns": round(file_bytes / entries, 3),
+            "bytes_per_entry_topk_columns": round(stored / entries, 3),
+            "order0_floor_bytes_per_entry": round((floor_codes + floor_gaps) / entries, 3),
+            "order0_floor_id_codes": round(floor_codes / entries, 3),
+            "order0_floor_logprob_gaps": round(floor_gaps / entries, 3),
+        })
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("cache", type=Path)
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+    result = analyze(args.cache)
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return
+    for key, value in result.items():
+        if key == "column_bytes_per_token":
+            for name, b in value.items():
+                print(f"  {name:24s} {b:9.3f} B/token")
+        else:
+            print(f"{key:32s} {value}")
+
+
+if __name__ == "__main__":
+    main()
