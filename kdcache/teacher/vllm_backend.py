@@ -14,13 +14,15 @@ How the engine is driven, and why:
   a few extra log-probs are requested (``k + min(pad, PAD_MARGIN)``) and a position that still
   comes up short is re-scored with ``k + pad``.
 * Random sampling needs the whole distribution: ``prompt_logprobs=-1`` (the engine is built
-  with ``max_logprobs=-1``) returns every logit row for every position, which vLLM turns into
-  Python lists: ~100 bytes and ~0.7 us per (position, vocab entry). With SmolLM2 (49152 rows)
-  on 2 CPU cores this scores ~28 tokens/s against ~200 for top-64 (the transformers backend
-  samples at ~90 tokens/s there), and a 500-token prompt holds ~2.5 GB of lists, so
-  requests are sent in groups bounded by ``max_logprob_entries``. Draws come from
-  the distribution restricted to the real vocabulary (padded rows renormalized away), like
-  the transformers backend, through the same ``sampling.draw_counts``.
+  with ``max_logprobs=-1``) returns every logit row for every position. vLLM's output
+  processor would turn those into Python lists (~100 bytes and ~0.7 us per (position, vocab
+  entry): ~28 tokens/s for SmolLM2's 49152 rows on 2 CPU cores, and a few tokens/s for a
+  150k vocabulary), so during full-vocabulary calls ``_update_prompt_logprobs`` of vLLM's
+  ``LogprobsProcessor`` is swapped for one that keeps the arrays it receives
+  (:func:`_prompt_logprobs_as_arrays`). Requests are still sent in groups bounded by
+  ``max_logprob_entries`` (a 500-token prompt is ~300 MB of ids and log-probs at 49152 rows).
+  Draws come from the distribution restricted to the real vocabulary (padded rows
+  renormalized away), like the transformers backend, through the same ``sampling.draw_counts``.
 * Prompt log-probs ignore temperature and are never served from the prefix cache, so prefix
   caching is disabled. The engine's ``logprobs_mode`` is pinned to ``raw_logprobs``, so
   ``generate()`` records untempered, unfiltered log-probs of the generated tokens.
@@ -38,6 +40,7 @@ How the engine is driven, and why:
 from __future__ import annotations
 
 import atexit
+import contextlib
 import gc
 import logging
 from pathlib import Path
@@ -179,11 +182,13 @@ class VLLMBackend(TeacherBackend):
             requested = k + min(self.num_padded, PAD_MARGIN) if k else 0
             width = requested + 1
         for group in _groups_by_entries(examples, width, self.max_logprob_entries):
-            outs = self._prompt_logprobs(group, requested)
             if requested == -1:
+                with _prompt_logprobs_as_arrays():
+                    outs = self._prompt_logprobs(group, requested)
                 for ex, out in zip(group, outs):
                     yield self._full_vocab_scores(ex, out.prompt_logprobs, settings)
                 continue
+            outs = self._prompt_logprobs(group, requested)
             results = [self._topk_scores(ex, out.prompt_logprobs, k) for ex, out in zip(group, outs)]
             del outs
             retry = [i for i, r in enumerate(results) if r is None]
@@ -331,8 +336,8 @@ class VLLMBackend(TeacherBackend):
             scores.tail_logmass = tail_logmass_from_topk(topk_lps)
         return scores
 
-    def _full_vocab_scores(self, ex: TokenizedExample, flat: Any, settings: ScoringSettings) -> TeacherScores:
-        ids, lps = _flat_rows(flat, ex.num_tokens - 1, first_position=1)
+    def _full_vocab_scores(self, ex: TokenizedExample, chunks: Any, settings: ScoringSettings) -> TeacherScores:
+        ids, lps = _array_rows(chunks, ex.num_tokens - 1)
         rows = ex.target_positions.astype(np.int64) - 1
         return self._scores_from_dense(ex, ex.input_ids.astype(np.int32), ex.target_positions, ids, lps, rows,
                                        settings)
@@ -371,6 +376,46 @@ def _flat_rows(flat: Any, num_rows: int, first_position: int) -> tuple[np.ndarra
     ids = np.fromiter(flat.token_ids[start:end] if start else flat.token_ids, dtype=np.int64, count=count)
     lps = np.fromiter(flat.logprobs[start:end] if start else flat.logprobs, dtype=np.float32, count=count)
     return ids.reshape(num_rows, width), lps.reshape(num_rows, width)
+
+
+class _ArrayChunks(list):
+    """Prompt log-probs of one request as the ``(token_ids, logprobs)`` arrays vLLM sent, one
+    pair per prefill chunk (each ``[rows, 1 + K]``: the scored token, then ranks 1..K)."""
+
+
+@contextlib.contextmanager
+def _prompt_logprobs_as_arrays() -> Iterator[None]:
+    """While active, vLLM keeps prompt log-probs as arrays (:class:`_ArrayChunks`) instead of
+    building a Python object per entry. Only for calls whose requests all want full rows."""
+    from vllm.v1.engine.logprobs import LogprobsProcessor
+
+    original = LogprobsProcessor._update_prompt_logprobs
+
+    def keep_arrays(self, tensors) -> None:  # noqa: ANN001 - vLLM's LogprobsTensors
+        token_ids, logprobs = tensors[0], tensors[1]
+        if not isinstance(self.prompt_logprobs, _ArrayChunks):
+            self.prompt_logprobs = _ArrayChunks()
+        self.prompt_logprobs.append((np.asarray(token_ids), np.asarray(logprobs, dtype=np.float32)))
+
+    LogprobsProcessor._update_prompt_logprobs = keep_arrays
+    try:
+        yield
+    finally:
+        LogprobsProcessor._update_prompt_logprobs = original
+
+
+def _array_rows(chunks: Any, num_rows: int) -> tuple[np.ndarray, np.ndarray]:
+    """:class:`_ArrayChunks` -> ``(ids int64 [R, W], logprobs float32 [R, W])`` for prompt
+    positions ``1 .. R``, like :func:`_flat_rows`."""
+    if num_rows <= 0 or not chunks:
+        return np.zeros((0, 1), dtype=np.int64), np.zeros((0, 1), dtype=np.float32)
+    if not isinstance(chunks, _ArrayChunks):
+        raise RuntimeError("vLLM returned prompt log-probs as objects where arrays were expected")
+    ids = np.concatenate([c[0] for c in chunks]).astype(np.int64, copy=False)
+    lps = np.concatenate([c[1] for c in chunks])
+    if ids.shape[0] != num_rows or ids.shape != lps.shape:
+        raise RuntimeError(f"unexpected prompt log-prob arrays from vLLM: {ids.shape} for {num_rows} positions")
+    return ids, lps
 
 
 def _group_starts(positions: Sequence[int], width: int, budget: int) -> list[int]:
