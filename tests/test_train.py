@@ -349,6 +349,19 @@ def test_rs_kd_trains_from_sampled_cache(student_dir, sample_cache, eval_cache, 
     assert summary["best_metric"] == "kl" and "loss" not in summary["final_eval"]
 
 
+def test_loss_auto_follows_the_cache(student_dir, train_cache, tiny_llama, tmp_path):
+    """--loss auto (the default): rs_kd for a cache of samples only, the tail loss otherwise."""
+    from kdcache.student.compat import resolve_loss
+    from kdcache.student.train import train_student
+
+    samples_only = make_cache(tmp_path / "rs-only", tiny_llama, texts(8, 5), top_k=0, samples=20)
+    assert resolve_loss("auto", json.loads((samples_only / "manifest.json").read_text())) == "rs_kd"
+    assert resolve_loss("auto", json.loads((train_cache / "manifest.json").read_text())) == "tail"
+    assert resolve_loss("jsd", json.loads((samples_only / "manifest.json").read_text())) == "jsd"
+    train_student(config(student_dir, samples_only, tmp_path / "run", max_steps=1))
+    assert json.loads((tmp_path / "run" / "run.json").read_text())["settings"]["loss"] == "rs_kd"
+
+
 # ----------------------------------------------------------------------- bad input
 
 

@@ -34,9 +34,10 @@ def _quiet_transformers() -> None:
 
 def _loss_options(func):
     options = [
-        click.option("--loss", type=click.Choice(LOSS_NAMES), default="tail", show_default=True,
-                     help="KD loss: tail (= forward KL on top-k + tail bucket), forward_kl, reverse_kl, jsd, skew_forward, "
-                          "skew_reverse, tv, akl, topk_renorm (biased, for comparison), rs_kd (needs a --sampling random cache)."),
+        click.option("--loss", type=click.Choice(["auto", *LOSS_NAMES]), default="auto", show_default=True,
+                     help="KD loss: auto (rs_kd for a cache of samples only, else tail), tail (= forward KL on top-k + "
+                          "tail bucket), forward_kl, reverse_kl, jsd, skew_forward, skew_reverse, tv, akl, topk_renorm "
+                          "(biased, for comparison), rs_kd (needs a --sampling random cache)."),
         click.option("--temperature", type=float, default=1.0, show_default=True, help="Distillation temperature (KD term x T^2)."),
         click.option("--jsd-beta", type=float, default=0.5, show_default=True, help="--loss jsd: mixture weight (0 = forward KL, 1 = reverse KL)."),
         click.option("--skew-alpha", type=float, default=0.1, show_default=True, help="--loss skew_forward/skew_reverse: skew in [0, 1)."),
@@ -140,12 +141,15 @@ def eval_cmd(model: str, cache: str, as_json: bool, max_sequences: int | None, l
 
     Also the teacher's own CE/perplexity, top-1 agreement, and `loss` (the --loss objective).
     """
+    from kdcache.cache.manifest import load_manifest
     from kdcache.errors import KdcacheError
+    from kdcache.student.compat import resolve_loss
     from kdcache.student.evaluate import evaluate_model, format_metrics
     from kdcache.student.losses import KDLossConfig
 
     if not progress:
         _quiet_transformers()
+    loss = resolve_loss(loss, load_manifest(cache))
 
     try:
         loss_config = KDLossConfig(loss=loss, tau=temperature, beta=jsd_beta, alpha=skew_alpha, akl_mu=akl_mu,

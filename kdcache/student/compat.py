@@ -146,6 +146,15 @@ def check_same_tokenizer(train_manifest: dict, eval_manifest: dict, eval_dir: st
         raise KdcacheError(f"{eval_dir}: eval cache was made with another tokenizer than the training cache")
 
 
+def resolve_loss(loss: str, manifest: dict) -> str:
+    """``--loss auto``: ``rs_kd`` for a cache of samples only, else ``tail`` (top-k + tail
+    bucket); any other name is returned unchanged."""
+    if loss != "auto":
+        return loss
+    samples_only = int(manifest["top_k"]) <= 0 and int(manifest["sampling"]["num_samples"]) > 0
+    return "rs_kd" if samples_only else "tail"
+
+
 def check_loss_needs(loss: str, manifest: dict, cache_dir: str | Path) -> None:
     """The loss must find what it needs in the cache (top-k, or sampled tokens for rs_kd)."""
     if loss == "rs_kd":

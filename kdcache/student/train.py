@@ -27,7 +27,7 @@ import math
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Callable
 
@@ -44,6 +44,7 @@ from kdcache.student.compat import (
     check_same_tokenizer,
     check_tokenizer,
     load_tokenizer,
+    resolve_loss,
 )
 from kdcache.student.data import GlobalBatches, MicroBatch, micro_batches
 from kdcache.student.evaluate import evaluate
@@ -87,7 +88,7 @@ class TrainConfig:
     eval_cache: str | None = None
     eval_every: int = 0
     eval_sequences: int | None = None
-    loss: str = "tail"
+    loss: str = "auto"  # resolved from the cache by compat.resolve_loss
     temperature: float = 1.0
     jsd_beta: float = 0.5
     skew_alpha: float = 0.1
@@ -150,9 +151,10 @@ class TrainConfig:
         return LoraSettings(self.lora_r, self.lora_alpha, self.lora_dropout, self.lora_targets, self.load_in_4bit)
 
     def check(self) -> None:
-        if self.loss not in LOSS_NAMES:
-            raise KdcacheError(f"--loss {self.loss!r}: choose one of {', '.join(LOSS_NAMES)}")
-        self.loss_config()
+        if self.loss != "auto" and self.loss not in LOSS_NAMES:
+            raise KdcacheError(f"--loss {self.loss!r}: choose auto or one of {', '.join(LOSS_NAMES)}")
+        if self.loss != "auto":
+            self.loss_config()
         positive = {"global_batch_size": self.global_batch_size, "micro_batch_tokens": self.micro_batch_tokens,
                     "epochs": self.epochs, "shuffle_window": self.shuffle_window, "log_every": self.log_every}
         for name, value in positive.items():
@@ -330,10 +332,11 @@ def train_student(cfg: TrainConfig, *, on_step: Callable[[int, dict], None] | No
     """
     cfg.check()
     out = Path(cfg.output)
-    loss_config = cfg.loss_config()
 
     # 1. Inputs: caches, tokenizer, compatibility. Nothing is written before these pass.
     reader = CacheReader(cfg.cache)
+    cfg = replace(cfg, loss=resolve_loss(cfg.loss, reader.manifest))
+    loss_config = cfg.loss_config()
     check_loss_needs(cfg.loss, reader.manifest, cfg.cache)
     eval_reader = CacheReader(cfg.eval_cache) if cfg.eval_cache else None
     best_metric = cfg.best_metric
