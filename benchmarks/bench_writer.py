@@ -5,6 +5,7 @@ shaped like a real teacher's: top-k ids drawn from a Zipf-like vocabulary prior 
 table and compression behave realistically), log-probs sorted descending.
 
     python benchmarks/bench_writer.py --tokens 1000000 --top-k 64
+    python benchmarks/bench_writer.py --cache CACHE_DIR     # real teacher output, rewritten
 """
 
 from __future__ import annotations
@@ -50,13 +51,21 @@ def main() -> None:
     parser.add_argument("--vocab", type=int, default=49152)
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--cache", default=None,
+                        help="rewrite the records of this cache (all shards as one) instead of synthetic ones")
     args = parser.parse_args()
     if hasattr(os, "sched_setaffinity"):
         os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[0]})
     import pyarrow
     from kdcache.cache.writer import write_shard
 
-    results = synthetic_results(args.tokens, args.top_k, args.vocab, args.seq_len)
+    if args.cache:
+        from kdcache.cache.reader import CacheReader
+
+        reader = CacheReader(args.cache)
+        results, args.top_k = list(reader.iter_sequences()), reader.top_k
+    else:
+        results = synthetic_results(args.tokens, args.top_k, args.vocab, args.seq_len)
     n_tokens = sum(r.num_targets for r in results)
     times = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -67,7 +76,7 @@ def main() -> None:
     best = min(times)
     print(json.dumps({
         "benchmark": "shard writer (encode + zstd Parquet + fsync + sha256), one core",
-        "supervised_tokens": n_tokens, "top_k": args.top_k,
+        "input": args.cache or "synthetic (Zipf ids)", "supervised_tokens": n_tokens, "top_k": args.top_k,
         "seconds_best": round(best, 3), "seconds_all": [round(t, 3) for t in times],
         "tokens_per_s": round(n_tokens / best), "goal_tokens_per_s": 1_000_000,
         "bytes_per_token": round(record.bytes / n_tokens, 2),

@@ -162,6 +162,36 @@ def test_gap_closed_arithmetic():
     assert math.isnan(gap_closed(4.0, 4.0, 4.0))
 
 
+def _run_record(arm: str, seed: int, loss: str, ce: float, kl: float) -> dict:
+    metrics = {"ce": ce, "kl": kl, "ece": 0.01, "top1": 0.1, "tokens": 10}
+    return {"arm": arm, "seed": seed, "loss": loss, "description": arm, "cache": None, "ce_weight": 0.0,
+            "status": "ok", "bytes_per_token": 10.0, "metrics": {"text": metrics, "chat": metrics}}
+
+
+def test_merge_pools_seeds_and_refuses_other_setups():
+    from benchmarks.quality.merge import merge
+
+    def part(seed: int, sft: float, online: float, arm_ce: float) -> dict:
+        arms = [_run_record("sft", seed, "sft", sft, 4.0), _run_record("online", seed, "online", online, 3.0),
+                _run_record("tail-k8", seed, "tail", arm_ce, 3.5)]
+        return {"scale": "cpu", "hparams": {"lr": 1}, "eval": {}, "train": {}, "student": {}, "teacher": {},
+                "init": {}, "command": f"run --seeds {seed}", "seeds": [seed], "arms": arms,
+                "total_seconds": 10.0 + seed, "machine": {}}
+
+    merged = merge([part(0, 7.0, 6.0, 6.5), part(1, 7.2, 7.0, 7.0)])
+    row = {r["arm"]: r for r in merged["summary"]}["tail-k8"]
+    assert row["seeds"] == [0, 1] and row["gap_closed_per_seed"] == pytest.approx([0.5, 1.0])
+    assert row["gap_closed"] == pytest.approx(0.75) and row["gap_closed_se"] == pytest.approx(0.25)
+    assert merged["seeds"] == [0, 1] and merged["total_seconds"] == 11.0
+    assert merged["choices"]["best top-k (lowest held-out KL among tail arms)"] == 8
+    other = part(1, 7.2, 7.0, 7.0)
+    other["hparams"] = {"lr": 2}
+    with pytest.raises(ValueError, match="hparams"):
+        merge([part(0, 7.0, 6.0, 6.5), other])
+    with pytest.raises(ValueError, match="appears in two parts"):
+        merge([part(0, 7.0, 6.0, 6.5), part(0, 7.0, 6.0, 6.5)])
+
+
 def test_bytes_per_token_from_manifest_totals():
     assert cache_bytes_per_token({"totals": {"bytes": 3000, "supervised_tokens": 100}}) == 30.0
 

@@ -109,15 +109,19 @@ def summarize(arms: Sequence[dict]) -> list[dict]:
                 mean, spread = mean_and_spread(a["metrics"][set_name].get(key) for a in done)
                 row[f"{set_name}_{key}"], row[f"{set_name}_{key}_pm"] = mean, spread
         for label, key in (("gap_closed", "ce"), ("gap_closed_kl", "kl")):
-            gaps = []
+            gaps, sums = [], [0.0, 0.0, 0.0]
             for a in done:
                 sft = _ref_ce(arms, "sft", a["seed"], "text", key)
                 online = _ref_ce(arms, "online", a["seed"], "text", key)
                 if sft is not None and online is not None:
                     gaps.append(gap_closed(sft, a["metrics"]["text"][key], online))
+                    for i, value in enumerate((sft, a["metrics"]["text"][key], online)):
+                        sums[i] += value
             row[label], row[f"{label}_pm"] = mean_and_spread(gaps)
             row[f"{label}_per_seed"] = gaps
             row[f"{label}_se"] = standard_error(gaps)
+            # Ratio of the seed-summed gaps: stable when one seed's SFT-online gap is near zero.
+            row[f"{label}_pooled"] = gap_closed(*sums) if gaps else float("nan")
         rows.append(row)
     return rows
 
@@ -197,18 +201,20 @@ def markdown(results: dict) -> str:
     if multi:
         lines += [
             "",
-            "Gap closed per seed (held-out text CE; each seed against the SFT and online runs of the same "
-            "seed), mean ± standard error:",
+            "Gap closed per seed (held-out text; each seed against the SFT and online runs of the same "
+            "seed), their mean ± standard error, and pooled = (Σ sft − Σ arm) / (Σ sft − Σ online) over the "
+            "seeds (stable when one seed's SFT-online gap is near zero):",
             "",
-            "| arm | per seed | mean ± s.e. (CE) | mean ± s.e. (KL) |",
-            "|---|---|---:|---:|",
+            "| arm | per seed (CE) | mean ± s.e. (CE) | pooled (CE) | per seed (KL) | mean ± s.e. (KL) | pooled (KL) |",
+            "|---|---|---:|---:|---|---:|---:|",
         ]
         for row in multi:
-            per_seed = ", ".join(f"{100 * g:.0f}%" for g in row["gap_closed_per_seed"])
-            lines.append(
-                f"| {row['arm']} | {per_seed} | {100 * row['gap_closed']:.0f}% ± {100 * row['gap_closed_se']:.0f}% "
-                f"| {100 * row['gap_closed_kl']:.0f}% ± {100 * row['gap_closed_kl_se']:.0f}% |"
-            )
+            cells = []
+            for label in ("gap_closed", "gap_closed_kl"):
+                per_seed = ", ".join(f"{100 * g:.0f}%" for g in row[f"{label}_per_seed"])
+                cells += [per_seed, f"{100 * row[label]:.0f}% ± {100 * row[f'{label}_se']:.0f}%",
+                          f"{100 * row[f'{label}_pooled']:.0f}%"]
+            lines.append(f"| {row['arm']} | " + " | ".join(cells) + " |")
     lines += [
         "",
         "## Held-out instructions (\"Tell me about <title>.\" → Wikipedia lead; response tokens only)",
