@@ -14,6 +14,8 @@ mode alike; the median round is reported. Prints one JSON document (also written
 
     python benchmarks/bench_generate.py                  # SmolLM2-135M-Instruct, 50 Wikipedia texts
     python benchmarks/bench_generate.py --model DIR_OR_GGUF --texts 200 --max-length 1024
+    python benchmarks/bench_generate.py --samples 50     # also (d) ``random``: --sampling random
+                                                         # --samples 50 --top-k 0 through the backend
 """
 
 from __future__ import annotations
@@ -150,6 +152,8 @@ def main() -> None:
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--compile", action="store_true", help="enforce_eager=False (torch.compile)")
     parser.add_argument("--max-num-batched-tokens", type=int, default=None)
+    parser.add_argument("--samples", type=int, default=0,
+                        help="also time random sampling (N draws per token, top-k 0) through the backend")
     parser.add_argument("--out", default=None, help="also write the JSON here")
     args = parser.parse_args()
 
@@ -214,7 +218,15 @@ def main() -> None:
                 dict_to_arrays(out, ex.target_positions.tolist(), k)
             return {"seconds": time.perf_counter() - t, "engine_seconds": gen_s}
 
+        def random_sampling() -> dict:
+            t = time.perf_counter()
+            results = list(backend.score(examples, ScoringSettings(top_k=0, num_samples=args.samples)))
+            assert len(results) == len(examples)
+            return {"seconds": time.perf_counter() - t}
+
         modes = {"engine": engine, "backend": end_to_end, "dict": dict_path}
+        if args.samples:
+            modes["random"] = random_sampling
         runs: dict[str, list[dict]] = {name: [] for name in modes}
         for _ in range(args.rounds):
             for name, fn in modes.items():
@@ -241,6 +253,7 @@ def main() -> None:
                 "backend_over_engine": round(tps["backend"] / tps["engine"], 3),
                 "backend_over_dict": round(tps["backend"] / tps["dict"], 3),
                 "backend_over_dict_engine": round(tps["backend"] / tps["dict_engine"], 3),
+                **({"topk_over_random": round(tps["backend"] / tps["random"], 3)} if args.samples else {}),
             },
             "goals": {"backend_over_engine": ">= 0.9", "backend_over_dict": ">= 5"},
             "host_path": host,

@@ -61,7 +61,7 @@ def merge(parts: Sequence[dict]) -> dict:
     summary = summarize(arms)
     return {
         **first,
-        "command": " ; ".join(p["command"] for p in parts) + " ; python -m benchmarks.quality.merge ...",
+        "command": " ; ".join(p["command"] for p in parts),
         "seeds": sorted({s for p in parts for s in p["seeds"]}),
         "arms": arms,
         "summary": summary,
@@ -79,6 +79,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     parser.add_argument("--results-name", default="quality")
     args = parser.parse_args(argv)
     merged = merge([json.loads(p.read_text()) for p in args.parts])
+    merged["command"] += " ; python -m benchmarks.quality.merge " + " ".join(
+        [*map(str, args.parts), "--results-dir", str(args.results_dir), "--results-name", args.results_name])
     for path in write_outputs(merged, args.results_dir, args.results_name):
         print(path)
     return merged

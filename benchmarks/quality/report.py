@@ -25,6 +25,20 @@ def _version(package: str) -> str | None:
         return None
 
 
+def _kdcache_version() -> str:
+    """The imported kdcache's version and git commit (an editable install's metadata can lag)."""
+    import subprocess
+
+    import kdcache
+
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=Path(kdcache.__file__).parent,
+                                capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        commit = ""
+    return kdcache.__version__ + (f" (git {commit})" if commit else "")
+
+
 def _vllm_version() -> str | None:
     """vLLM's version, noting a CPU build and an installed-but-not-importable package."""
     import importlib.util
@@ -64,7 +78,7 @@ def machine_info() -> dict[str, Any]:
         "torch": torch.__version__,
         "transformers": _version("transformers"),
         "vllm": _vllm_version(),
-        "kdcache": _version("kdcache"),
+        "kdcache": _kdcache_version(),
     }
 
 
@@ -108,14 +122,15 @@ def summarize(arms: Sequence[dict]) -> list[dict]:
             for key in ("ce", "kl", "ece", "top1"):
                 mean, spread = mean_and_spread(a["metrics"][set_name].get(key) for a in done)
                 row[f"{set_name}_{key}"], row[f"{set_name}_{key}_pm"] = mean, spread
-        for label, key in (("gap_closed", "ce"), ("gap_closed_kl", "kl")):
+        for label, set_name, key in (("gap_closed", "text", "ce"), ("gap_closed_kl", "text", "kl"),
+                                     ("chat_gap_closed", "chat", "ce"), ("chat_gap_closed_kl", "chat", "kl")):
             gaps, sums = [], [0.0, 0.0, 0.0]
             for a in done:
-                sft = _ref_ce(arms, "sft", a["seed"], "text", key)
-                online = _ref_ce(arms, "online", a["seed"], "text", key)
+                sft = _ref_ce(arms, "sft", a["seed"], set_name, key)
+                online = _ref_ce(arms, "online", a["seed"], set_name, key)
                 if sft is not None and online is not None:
-                    gaps.append(gap_closed(sft, a["metrics"]["text"][key], online))
-                    for i, value in enumerate((sft, a["metrics"]["text"][key], online)):
+                    gaps.append(gap_closed(sft, a["metrics"][set_name][key], online))
+                    for i, value in enumerate((sft, a["metrics"][set_name][key], online)):
                         sums[i] += value
             row[label], row[f"{label}_pm"] = mean_and_spread(gaps)
             row[f"{label}_per_seed"] = gaps
@@ -158,8 +173,7 @@ def _frame_rows(teacher: dict, init: dict, set_name: str, with_storage: bool) ->
         m = source[set_name]
         kl = "0" if source is teacher else _fmt(m["kl"])
         cells = ([label, "—"] if with_storage else [label]) + [_fmt(m["ce"]), kl, _fmt(m["ece"]), _fmt(m["top1"])]
-        if with_storage:
-            cells += ["—", "—", "—"]
+        cells += ["—", "—", "—"] if with_storage else ["—", "—"]
         rows.append("| " + " | ".join(cells) + " |")
     return rows
 
@@ -219,15 +233,17 @@ def markdown(results: dict) -> str:
         "",
         "## Held-out instructions (\"Tell me about <title>.\" → Wikipedia lead; response tokens only)",
         "",
-        "| arm | CE (nats) | KL(teacher‖student) | ECE | top-1 |",
-        "|---|---:|---:|---:|---:|",
+        "| arm | CE (nats) | KL(teacher‖student) | ECE | top-1 | gap closed, pooled (CE) | gap closed, pooled (KL) |",
+        "|---|---:|---:|---:|---:|---:|---:|",
     ]
     lines += _frame_rows(teacher, init, "chat", with_storage=False)
     for row in summary:
         if row["status"] == "ok":
             lines.append(
                 f"| {row['arm']} | {_fmt(row['chat_ce'], pm=row['chat_ce_pm'])} | {_fmt(row['chat_kl'], pm=row['chat_kl_pm'])} "
-                f"| {_fmt(row['chat_ece'])} | {_fmt(row['chat_top1'])} |"
+                f"| {_fmt(row['chat_ece'])} | {_fmt(row['chat_top1'])} "
+                f"| {_fmt(row.get('chat_gap_closed_pooled'), percent=True)} "
+                f"| {_fmt(row.get('chat_gap_closed_kl_pooled'), percent=True)} |"
             )
     lines += ["", "## Arms", ""]
     for row in summary:
