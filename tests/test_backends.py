@@ -8,6 +8,8 @@ all tests of a model through the session-scoped ``engines`` pool; tests are grou
 
 from __future__ import annotations
 
+import dataclasses
+
 import json
 import math
 import shutil
@@ -190,6 +192,29 @@ def test_draw_counts_matches_probabilities():
     assert abs(chi_square_z([full], [probs], 20000)) < 4
 
 
+def test_draw_counts_from_the_tail_only():
+    """--sampling tail: excluded ids (the top-k) are never drawn, the rest follows the
+    restricted distribution, and a row whose mass is all excluded draws nothing."""
+    probs = np.array([[0.5, 0.25, 0.125, 0.0625, 0.0625 - 1e-3, 1e-3, 0.0],
+                      [0.6, 0.4, 0.0, 0.0, 0.0, 0.0, 0.0]])
+    with np.errstate(divide="ignore"):
+        logprobs = np.log(probs)
+    exclude = np.array([[0, 1], [0, 1]])
+    offsets, ids, counts = draw_counts(np.random.default_rng(0), logprobs, 20000, exclude)
+    assert offsets.tolist()[1:] == [len(ids), len(ids)]  # row 1 has no tail mass: no draws
+    full = np.zeros(7, dtype=np.int64)
+    full[ids] = counts
+    assert full[:2].sum() == 0 and full.sum() == 20000
+    restricted = np.where(np.arange(7) >= 2, probs[0], 0.0)
+    assert abs(chi_square_z([full], [restricted / restricted.sum()], 20000)) < 4
+    # same stream as without exclusion: draws stay chunk-independent
+    rng_parts = np.random.default_rng(0)
+    parts = concat_samples([draw_counts(rng_parts, logprobs[:1], 20000, exclude[:1]),
+                            draw_counts(rng_parts, logprobs[1:], 20000, exclude[1:])])
+    for x, y in zip((offsets, ids, counts), parts):
+        np.testing.assert_array_equal(x, y)
+
+
 def test_validate_request_rejects_bad_input():
     from kdcache.teacher.sampling import validate_request
 
@@ -299,8 +324,10 @@ def test_make_backend_auto_falls_back_to_hf(tiny_llama, monkeypatch, caplog):
     assert backend.name == "hf"
     warnings = [r.getMessage() for r in caplog.records if r.name == "kdcache" and r.levelname == "WARNING"]
     assert len(warnings) == 1 and "engine exploded" in warnings[0] and "\n" not in warnings[0]
-    with pytest.raises(RuntimeError):
+    # An explicit --backend vllm does not fall back: one line naming the teacher and the cause.
+    with pytest.raises(KdcacheError, match="vLLM could not load the teacher \\(RuntimeError: engine exploded\\)") as info:
         make_backend("vllm", tiny_llama)
+    assert "\n" not in str(info.value) and str(tiny_llama) in str(info.value)
 
 
 # ------------------------------------------------------------------- tiny Llama (vLLM)
@@ -361,6 +388,36 @@ def test_tiny_random_sampling(engines, tiny_llama):
 
 
 @pytest.mark.slow
+def test_tiny_tail_sampling(engines, tiny_llama):
+    """--sampling tail in both backends: the draws avoid each position's top-k and follow
+    the teacher's distribution restricted to the other ids."""
+    vllm_b, hf_b = engines.get(tiny_llama), hf_backend(tiny_llama)
+    examples = tiny_examples(hf_b.tokenizer, n=3)
+    n, k = 400, 8
+    settings = ScoringSettings(top_k=k, num_samples=n, seed=7, sample_tail=True)
+    exact = list(vllm_b.score(examples, ScoringSettings(top_k=vllm_b.vocab_size)))
+    for backend in (vllm_b, hf_b):
+        got = list(backend.score(examples, settings))
+        counts_rows, probs_rows = [], []
+        for ex, g, e in zip(examples, got, exact):
+            assert_valid(g, ex, settings, backend.vocab_size)
+            for r in range(g.num_targets):
+                sl = slice(g.sample_offsets[r], g.sample_offsets[r + 1])
+                assert not np.isin(g.sample_ids[sl], g.topk_ids[r]).any()
+                counts = np.zeros(backend.vocab_size, dtype=np.int64)
+                counts[g.sample_ids[sl]] = g.sample_counts[sl]
+                probs = np.zeros(backend.vocab_size)
+                probs[e.topk_ids[r]] = np.exp(e.topk_logprobs[r].astype(np.float64))
+                probs[g.topk_ids[r]] = 0.0
+                counts_rows.append(counts)
+                probs_rows.append(probs / probs.sum())
+        z = chi_square_z(counts_rows, probs_rows, n)
+        assert abs(z) < 4, (backend.name, z)
+    with pytest.raises(KdcacheError, match="needs top_k >= 1"):
+        list(hf_b.score(examples, ScoringSettings(top_k=0, num_samples=n, sample_tail=True)))
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("which", ["vllm", "hf"])
 def test_tiny_generate_matches_rescore(engines, tiny_llama, which):
     backend = engines.get(tiny_llama) if which == "vllm" else hf_backend(tiny_llama)
@@ -385,6 +442,10 @@ def test_tiny_generate_matches_rescore(engines, tiny_llama, which):
         rescored = list(backend.score([rescore_ex], settings))[0]
         cmp = compare_topk(g, rescored)
         assert cmp["jaccard"] >= MIN_JACCARD and cmp["max_diff"] <= LOGPROB_TOL, cmp
+    # --max-length bounds prompt + response in generate mode
+    for p in prompts:
+        capped = list(backend.generate([p], settings, dataclasses.replace(gen, max_length=p.num_tokens + 4)))[0]
+        assert p.num_tokens < len(capped.input_ids) <= p.num_tokens + 4
         np.testing.assert_allclose(g.target_logprobs, rescored.target_logprobs, atol=LOGPROB_TOL)
     # per-request seeds: a prompt's continuation does not depend on its batch
     alone = list(backend.generate(prompts[1:2], settings, gen))[0]

@@ -131,6 +131,42 @@ def test_other_settings_and_foreign_directories_are_refused(tiny_llama, tmp_path
         generate_teacher_cache(_cfg(tiny_llama, data, tmp_path / "other"))
 
 
+def test_same_run_is_recognized_and_a_mixed_scorer_is_refused(tiny_llama, tmp_path, monkeypatch):
+    """The teacher path given relative or absolute, and --backend auto or its resolution, are the
+    same run; a worker whose teacher loaded with another backend or dtype stops before writing."""
+    from kdcache.teacher import generate as gen
+
+    data = _write_jsonl(tmp_path / "text.jsonl", [{"text": CORPUS[i % 6]} for i in range(8)])
+    out = tmp_path / "c"
+    assert generate_teacher_cache(_cfg(tiny_llama, data, out, num_workers=2, worker_index=0)) is None
+    assert json.loads((out / "scorer.json").read_text()) == {"backend_used": "hf", "dtype_loaded": "float32"}
+    monkeypatch.chdir(Path(tiny_llama).parent)
+    relative = _cfg(Path(Path(tiny_llama).name), data, out, num_workers=2, worker_index=1)
+    (out / "scorer.json").write_text(json.dumps({"backend_used": "vllm", "dtype_loaded": "bfloat16"}))
+    with pytest.raises(KdcacheError, match="scored with backend vllm in bfloat16.*--backend vllm --dtype bfloat16"):
+        generate_teacher_cache(relative)
+    assert not (out / "shards" / "part-00001.json").exists()
+    (out / "scorer.json").write_text(json.dumps({"backend_used": "hf", "dtype_loaded": "float32"}))
+    assert generate_teacher_cache(relative)["totals"]["sequences"] == 8
+    assert verify_cache(out) == []
+
+    # Checks that need no model run before the directory is claimed: a bad --top-k leaves
+    # nothing behind, so the corrected command just runs.
+    fresh = tmp_path / "fresh"
+    with pytest.raises(KdcacheError, match="--top-k 100000 exceeds the teacher's vocabulary"):
+        generate_teacher_cache(_cfg(tiny_llama, data, fresh, top_k=100000))
+    assert not fresh.exists() or not (fresh / "run.json").exists()
+    # vLLM scores L tokens as a request of L + 1: a --max-length the context cannot hold is
+    # refused up front (the tiny model has 2048 positions), the transformers backend is fine.
+    with pytest.raises(KdcacheError, match="context is 2048 positions.*use --max-length 2047"):
+        generate_teacher_cache(_cfg(tiny_llama, data, fresh, backend="vllm", max_length=2048))
+    assert gen._context_error(_cfg(tiny_llama, data, fresh, backend="hf", max_length=2048), Path(tiny_llama)) is None
+    for bad in (dict(dtype="float33"), dict(mode="generate", temperature=-1.0), dict(mode="generate", top_p=0.0)):
+        with pytest.raises(KdcacheError):
+            _cfg(tiny_llama, data, fresh, **bad).check()
+    assert generate_teacher_cache(_cfg(tiny_llama, data, fresh))["totals"]["sequences"] == 8
+
+
 def test_bad_rows_stop_with_one_line_or_are_counted(tiny_llama, tmp_path):
     data = tmp_path / "bad.jsonl"
     data.write_text(json.dumps({"text": CORPUS[0]}) + "\n{not json\n" + json.dumps({"text": "  "}) + "\n"

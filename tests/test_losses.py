@@ -26,6 +26,14 @@ def cfg(name: str, **kw) -> KDLossConfig:
     return KDLossConfig(loss=name, **{**PARAMS.get(name, {}), **kw})
 
 
+def tg(case: dict, c: KDLossConfig) -> TeacherTargets:
+    """The case's targets for loss ``c``: ``tail_rs`` reads samples drawn from outside the top-k."""
+    t = case["targets"]
+    if c.loss != "tail_rs":
+        return t
+    return TeacherTargets(t.topk_ids, t.topk_logprobs, t.tail_logmass, case["tail_sample_ids"], case["tail_sample_weights"])
+
+
 # ----------------------------------------------------------------- dense reference
 
 
@@ -92,6 +100,12 @@ def ref_loss(case: dict, c: KDLossConfig) -> torch.Tensor:
     p, q, ids = case["p"], case["q"], case["ids"]
     if c.loss == "rs_kd":
         kd = -(case["sample_weights_dense"] * q.log()).sum(-1)
+    elif c.loss == "tail_rs":
+        # exact coarse KL + p_tail KL(w || q restricted to the tail), all dense
+        pc, qc = coarse(p, ids), coarse(q, ids)
+        w = case["tail_weights_dense"]
+        q_shape = q / qc[:, -1:]
+        kd = ref_kl(pc, qc) + pc[:, -1] * (torch.special.xlogy(w, w) - torch.special.xlogy(w, q_shape)).sum(-1)
     elif c.loss == "topk_renorm":
         pk, qk = ref_temper(p.gather(1, ids), c.tau), ref_temper(q.gather(1, ids), c.tau)
         kd = ref_kl(pk / pk.sum(-1, keepdim=True), qk / qk.sum(-1, keepdim=True)) * c.tau**2
@@ -116,6 +130,13 @@ def make_case(T: int = 6, V: int = 50, H: int = 8, k: int = 8, seed: int = 0, dt
         1, torch.multinomial(p, 16, replacement=True, generator=g), torch.ones(T, 16, dtype=F64)
     )
     weights = counts / 16
+    # --sampling tail: 16 draws from p restricted to the ids outside the top-k
+    outside = torch.ones(T, V, dtype=torch.bool).scatter(1, ids, False)
+    tail_counts = torch.zeros(T, V, dtype=F64)
+    if k < V:
+        tail_draws = torch.multinomial(p * outside, 16, replacement=True, generator=g)
+        tail_counts.scatter_add_(1, tail_draws, torch.ones(T, 16, dtype=F64))
+    tail_weights = tail_counts / 16
     hidden = torch.randn(T, H, generator=g, dtype=F64)
     weight = torch.randn(V, H, generator=g, dtype=F64)
     bias = torch.randn(V, generator=g, dtype=F64) * 0.5
@@ -130,6 +151,8 @@ def make_case(T: int = 6, V: int = 50, H: int = 8, k: int = 8, seed: int = 0, dt
     q = torch.softmax(hidden @ weight.T + bias, dim=-1)
     return {
         "p": p, "q": q, "ids": ids, "gold": gold, "targets": targets, "sample_weights_dense": weights,
+        "tail_weights_dense": tail_weights, "tail_sample_weights": tail_weights.to(dtype),
+        "tail_sample_ids": torch.where(tail_counts > 0, torch.arange(V).expand(T, V), -1),
         "hidden": hidden.to(dtype), "weight": weight.to(dtype), "bias": bias.to(dtype),
     }
 
@@ -140,7 +163,7 @@ def logits_of(case: dict) -> torch.Tensor:
 
 def chunked(case: dict, c: KDLossConfig, chunk_size: int | None = 4, **kw):
     return chunked_kd_loss(
-        case["hidden"], case["weight"], case["targets"], case["gold"], c, bias=case["bias"], chunk_size=chunk_size, **kw
+        case["hidden"], case["weight"], tg(case, c), case["gold"], c, bias=case["bias"], chunk_size=chunk_size, **kw
     )
 
 
@@ -161,7 +184,7 @@ def test_full_vocab_topk_equals_dense_loss(name: str) -> None:
     expected = ref_loss(case, c)
     if name == "topk_renorm":  # renormalizing a full top-k changes nothing: it is plain KL
         assert torch.allclose(expected, ref_loss(case, cfg("forward_kl", ce_weight=0.25)), atol=1e-12)
-    sparse, metrics = sparse_kd_loss(logits_of(case), case["targets"], case["gold"], c)
+    sparse, metrics = sparse_kd_loss(logits_of(case), tg(case, c), case["gold"], c)
     chunk, chunk_metrics = chunked(case, c)
     assert torch.allclose(sparse, expected, rtol=1e-10, atol=1e-12), (sparse, expected)
     assert torch.allclose(chunk, expected, rtol=1e-10, atol=1e-12), (chunk, expected)
@@ -173,12 +196,12 @@ def test_full_vocab_topk_equals_dense_loss(name: str) -> None:
 @pytest.mark.parametrize("tau", [1.0, 2.0, 0.5])
 def test_topk_with_tail_equals_dense_coarse_loss(name: str, tau: float) -> None:
     """k < V: each loss equals the dense loss on the merged (k+1)-outcome distributions."""
-    if name == "rs_kd" and tau != 1.0:
-        pytest.skip("rs_kd is defined at tau == 1 only")
+    if name in ("rs_kd", "tail_rs") and tau != 1.0:
+        pytest.skip(f"{name} is defined at tau == 1 only")
     case = make_case(V=50, k=7, seed=1)
     c = cfg(name, tau=tau, ce_weight=0.1)
     expected = ref_loss(case, c)
-    sparse, _ = sparse_kd_loss(logits_of(case), case["targets"], case["gold"], c)
+    sparse, _ = sparse_kd_loss(logits_of(case), tg(case, c), case["gold"], c)
     chunk, _ = chunked(case, c, chunk_size=5)
     assert torch.allclose(sparse, expected, rtol=1e-10, atol=1e-12), (sparse, expected)
     assert torch.allclose(chunk, expected, rtol=1e-10, atol=1e-12), (chunk, expected)
@@ -257,10 +280,10 @@ def test_chunked_gradcheck(name: str) -> None:
     detached, so its gradient is deliberately not the derivative of its value (it is
     compared to the autograd reference in the next test instead)."""
     case = make_case(T=5, V=12, H=3, k=4, seed=6)
-    c = cfg(name, ce_weight=0.3, tau=1.0 if name == "rs_kd" else 1.5)
+    c = cfg(name, ce_weight=0.3, tau=1.0 if name in ("rs_kd", "tail_rs") else 1.5)
 
     def fn(h, w, b):
-        return chunked_kd_loss(h, w, case["targets"], case["gold"], c, bias=b, chunk_size=2)[0]
+        return chunked_kd_loss(h, w, tg(case, c), case["gold"], c, bias=b, chunk_size=2)[0]
 
     inputs = [case[x].clone().requires_grad_() for x in ("hidden", "weight", "bias")]
     assert torch.autograd.gradcheck(fn, inputs)
@@ -273,12 +296,12 @@ def test_chunked_gradient_matches_reference_and_chunking(name: str) -> None:
     inputs = (case["hidden"], case["weight"], case["bias"])
 
     def reference(h, w, b):
-        return sparse_kd_loss(h @ w.T + b, case["targets"], case["gold"], c)[0]
+        return sparse_kd_loss(h @ w.T + b, tg(case, c), case["gold"], c)[0]
 
     expected = grads_of(reference, *inputs)
     for chunk_size in (1, 3, 7, None):
         def fn(h, w, b, chunk_size=chunk_size):
-            return chunked_kd_loss(h, w, case["targets"], case["gold"], c, bias=b, chunk_size=chunk_size)[0]
+            return chunked_kd_loss(h, w, tg(case, c), case["gold"], c, bias=b, chunk_size=chunk_size)[0]
 
         for got, want in zip(grads_of(fn, *inputs), expected):
             assert torch.allclose(got, want, rtol=1e-9, atol=1e-12), (name, chunk_size)
@@ -343,6 +366,46 @@ def test_rs_kd_target_is_unbiased_for_dense_cross_entropy() -> None:
     assert torch.allclose(chunk, loss, rtol=1e-10)
 
 
+def test_tail_rs_with_the_exact_tail_shape_is_the_full_vocabulary_kl() -> None:
+    """With weights equal to the teacher's exact tail shape p_j / p_tail (the expectation of
+    the sampled weights), tail_rs equals the dense full-vocabulary forward KL, value and
+    gradient; since the loss is affine in the weights, sampled weights give an unbiased
+    gradient."""
+    case = make_case(T=6, V=40, k=5, seed=12)
+    p, ids = case["p"], case["ids"]
+    outside = torch.ones_like(p, dtype=torch.bool).scatter(1, ids, False)
+    shape = p * outside / (p * outside).sum(-1, keepdim=True)
+    t = case["targets"]
+    exact = TeacherTargets(t.topk_ids, t.topk_logprobs, t.tail_logmass,
+                           torch.where(outside, torch.arange(40).expand(6, 40), -1), shape)
+    c = KDLossConfig(loss="tail_rs")
+    inputs = (case["hidden"], case["weight"], case["bias"])
+
+    def dense(h, w, b):
+        return ref_kl(p, torch.softmax(h @ w.T + b, dim=-1)).mean()
+
+    def sparse(h, w, b):
+        return chunked_kd_loss(h, w, exact, None, c, bias=b, chunk_size=4)[0]
+
+    for got, want in zip(grads_of(sparse, *inputs), grads_of(dense, *inputs)):
+        assert torch.allclose(got, want, rtol=1e-10, atol=1e-12)
+    # Sampled weights: the gradient is affine in them, so averaging the sampled losses'
+    # gradients over draws converges to this one (checked on the mean of 2,000 draws).
+    g = torch.Generator().manual_seed(3)
+    R = 2000
+    draws = torch.multinomial(shape.repeat(R, 1), 16, replacement=True, generator=g)
+    counts = torch.zeros(R * 6, 40, dtype=F64).scatter_add_(1, draws, torch.ones(R * 6, 16, dtype=F64))
+    mean_w = (counts / 16).view(R, 6, 40).mean(0)
+    averaged = TeacherTargets(t.topk_ids, t.topk_logprobs, t.tail_logmass, exact.sample_ids, mean_w)
+    got = grads_of(lambda h, w, b: chunked_kd_loss(h, w, averaged, None, c, bias=b)[0], *inputs)
+    want = grads_of(dense, *inputs)
+    assert torch.allclose(got[2], want[2], atol=0.02), (got[2] - want[2]).abs().max()
+    # The tail term is >= 0: the coarse KL (`tail`) is a lower bound of tail_rs.
+    kd_tail = chunked(case, cfg("tail"))[1]["kd"]
+    kd_tail_rs = chunked(case, c)[1]["kd"]
+    assert kd_tail_rs >= kd_tail
+
+
 # ---------------------------------------------------------------- degenerate inputs
 
 
@@ -374,17 +437,17 @@ def extreme_case(teacher_tail_inf: bool, student_saturated: bool) -> dict:
 def test_no_nan_or_inf_in_degenerate_cases(teacher_tail_inf: bool, student_saturated: bool, tau: float) -> None:
     case = extreme_case(teacher_tail_inf, student_saturated)
     for name in LOSS_NAMES:
-        if name == "rs_kd" and tau != 1.0:
+        if name in ("rs_kd", "tail_rs") and tau != 1.0:
             continue
         c = cfg(name, tau=tau, ce_weight=0.1)
         h = case["hidden"].clone().requires_grad_()
         w = case["weight"].clone().requires_grad_()
-        loss, metrics = chunked_kd_loss(h, w, case["targets"], case["gold"], c, bias=case["bias"], chunk_size=4)
+        loss, metrics = chunked_kd_loss(h, w, tg(case, c), case["gold"], c, bias=case["bias"], chunk_size=4)
         loss.backward()
         assert torch.isfinite(loss), name
         assert torch.isfinite(h.grad).all() and torch.isfinite(w.grad).all(), name
         assert all(math.isfinite(v) for v in metrics.values()), (name, metrics)
-        ref = sparse_kd_loss(case["hidden"] @ case["weight"].T + case["bias"], case["targets"], case["gold"], c)[0]
+        ref = sparse_kd_loss(case["hidden"] @ case["weight"].T + case["bias"], tg(case, c), case["gold"], c)[0]
         assert torch.allclose(loss, ref, rtol=1e-4, atol=1e-5), (name, loss, ref)
 
 

@@ -28,7 +28,7 @@ def texts(n: int, offset: int = 0) -> list[str]:
 
 
 def make_cache(out: Path, teacher: Path, rows: list[str], *, top_k: int = 8, samples: int = 0,
-               shard_size: int = 8, max_length: int = 48, seed: int = 0) -> Path:
+               shard_size: int = 8, max_length: int = 48, seed: int = 0, sampling: str = "random") -> Path:
     """A finished cache of ``rows`` (text format) scored by ``teacher`` through the real
     stage-one pipeline (transformers backend, float32)."""
     from kdcache.teacher.generate import GenerateConfig, generate_teacher_cache
@@ -38,7 +38,7 @@ def make_cache(out: Path, teacher: Path, rows: list[str], *, top_k: int = 8, sam
     dataset.write_text("".join(json.dumps({"text": t}) + "\n" for t in rows))
     manifest = generate_teacher_cache(GenerateConfig(
         teacher=str(teacher), dataset=str(dataset), output=str(out), backend="hf", top_k=top_k,
-        sampling="random" if samples else "none", samples=samples or 50, seed=seed, max_length=max_length,
+        sampling=sampling if samples else "none", samples=samples or 50, seed=seed, max_length=max_length,
         shard_size=shard_size, dtype="float32", progress=False,
     ))
     assert manifest is not None and manifest["totals"]["sequences"] == len(rows)
@@ -66,6 +66,17 @@ def eval_cache(tmp_path_factory, tiny_llama) -> Path:
 @pytest.fixture(scope="session")
 def sample_cache(tmp_path_factory, tiny_llama) -> Path:
     return make_cache(tmp_path_factory.mktemp("c") / "rs", tiny_llama, texts(16, 2), top_k=4, samples=20)
+
+
+@pytest.fixture(scope="session")
+def tail_cache(tmp_path_factory, tiny_llama) -> Path:
+    """Top-4 plus 8 draws per token from outside the top-4 (``--sampling tail``)."""
+    return make_cache(tmp_path_factory.mktemp("c") / "tailrs", tiny_llama, texts(16, 2), top_k=4, samples=8,
+                      sampling="tail")
+
+
+def cfg_needs_tau_one(loss: str) -> bool:
+    return loss in ("rs_kd", "tail_rs")
 
 
 def config(student: Path, cache: Path, out: Path, **kw):
@@ -197,19 +208,20 @@ def test_gradient_checkpointing_gives_the_same_gradients(student_dir, train_cach
         torch.testing.assert_close(grads[0][name], grads[1][name], rtol=1e-5, atol=1e-7)
 
 
-@pytest.mark.parametrize("loss", ["tail", "reverse_kl", "jsd", "skew_forward", "skew_reverse", "tv", "akl", "topk_renorm", "rs_kd"])
-def test_every_loss_gives_finite_gradients(student_dir, sample_cache, loss):
+@pytest.mark.parametrize("loss", ["tail", "reverse_kl", "jsd", "skew_forward", "skew_reverse", "tv", "akl", "topk_renorm",
+                                  "rs_kd", "tail_rs"])
+def test_every_loss_gives_finite_gradients(student_dir, sample_cache, tail_cache, loss):
     from kdcache.cache.reader import CacheReader
     from kdcache.student.data import micro_batches
     from kdcache.student.losses import KDLossConfig
     from kdcache.student.modeling import load_student
     from kdcache.student.train import Runtime, forward_backward
 
-    reader = CacheReader(sample_cache)
+    reader = CacheReader(tail_cache if loss == "tail_rs" else sample_cache)
     seqs = list(reader.iter_sequences())[:4]
     model = load_student(student_dir, device=torch.device("cpu"), dtype=torch.float32)
-    cfg = KDLossConfig(loss=loss, ce_weight=0.1, tau=1.0 if loss == "rs_kd" else 2.0)
-    metrics = forward_backward(model, micro_batches(seqs, 64, reader.top_k, reader.num_samples, loss == "rs_kd"),
+    cfg = KDLossConfig(loss=loss, ce_weight=0.1, tau=1.0 if cfg_needs_tau_one(loss) else 2.0)
+    metrics = forward_backward(model, micro_batches(seqs, 64, reader.top_k, reader.num_samples, cfg.needs_samples),
                                cfg, Runtime(torch.device("cpu"), None, "sdpa"))
     assert np.isfinite(metrics["loss"]) and metrics["loss"] > 0
     grads = [p.grad for p in model.parameters() if p.grad is not None]
@@ -349,6 +361,33 @@ def test_rs_kd_trains_from_sampled_cache(student_dir, sample_cache, eval_cache, 
     assert summary["best_metric"] == "kl" and "loss" not in summary["final_eval"]
 
 
+def test_tail_rs_trains_from_tail_sampled_cache(student_dir, tail_cache, sample_cache, tmp_path):
+    """--loss auto on a --sampling tail cache is tail_rs; it lowers the KL to the teacher,
+    evaluates its own loss on a tail cache, and refuses a full-distribution sample cache."""
+    from kdcache.cache.reader import CacheReader
+    from kdcache.student.evaluate import evaluate_model
+    from kdcache.student.train import train_student
+
+    reader = CacheReader(tail_cache)
+    for seq in reader.iter_sequences():
+        for r in range(seq.num_targets):  # no draw inside the position's top-k
+            sl = slice(seq.sample_offsets[r], seq.sample_offsets[r + 1])
+            assert not np.isin(seq.sample_ids[sl], seq.topk_ids[r]).any()
+            assert seq.sample_counts[sl].sum() == 8
+    before = evaluate_model(str(student_dir), str(tail_cache), device="cpu")
+    out = tmp_path / "tailrs"
+    summary = train_student(config(student_dir, tail_cache, out, epochs=2, eval_cache=str(tail_cache), eval_every=4,
+                                   final_model="last"))
+    assert json.loads((out / "run.json").read_text())["settings"]["loss"] == "tail_rs"
+    assert summary["best_metric"] == "loss" and np.isfinite(summary["final_eval"]["loss"])
+    assert summary["final_eval"]["loss"] >= summary["final_eval"]["kl"] - 1e-6  # the tail term is >= 0
+    assert summary["final_eval"]["kl"] < 0.8 * before["kl"], (before, summary["final_eval"])
+    with pytest.raises(KdcacheError, match="tail_rs needs tokens drawn from outside the top-k"):
+        train_student(config(student_dir, sample_cache, tmp_path / "wrong", loss="tail_rs", max_steps=1))
+    with pytest.raises(KdcacheError, match="rs_kd needs tokens drawn from the teacher's full distribution"):
+        train_student(config(student_dir, tail_cache, tmp_path / "wrong2", loss="rs_kd", max_steps=1))
+
+
 def test_loss_auto_follows_the_cache(student_dir, train_cache, tiny_llama, tmp_path):
     """--loss auto (the default): rs_kd for a cache of samples only, the tail loss otherwise."""
     from kdcache.student.compat import resolve_loss
@@ -403,8 +442,16 @@ def test_bad_caches_fail_with_one_line(student_dir, train_cache, tmp_path):
     data = bytearray(shard.read_bytes())
     data[200:600] = bytes(400)
     shard.write_bytes(bytes(data))
-    # The reader quotes pyarrow's multi-line message here (reported to the lead).
-    fails(garbled, "part-00000.parquet: damaged shard", one_line=False)
+    fails(garbled, "part-00000.parquet: checksum differs from the manifest")
+
+    # One flipped bit in a value page still decodes (to different numbers): only the
+    # checksum catches it, and training must stop before using the shard.
+    flipped = _copy(train_cache, tmp_path / "flipped")
+    shard = flipped / "shards" / "part-00002.parquet"
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 3] ^= 0x10
+    shard.write_bytes(bytes(data))
+    fails(flipped, "part-00002.parquet: checksum differs from the manifest")
 
     empty = _copy(train_cache, tmp_path / "empty")
     manifest = json.loads((empty / "manifest.json").read_text())
@@ -435,6 +482,17 @@ def test_output_directory_rules(student_dir, train_cache, tmp_path):
     train_student(config(student_dir, train_cache, out, max_steps=2, overwrite=True))
     assert json.loads((out / "summary.json").read_text())["steps"] == 2
 
+    # A run that failed before its first checkpoint (here: the student has no weights) holds
+    # nothing to resume: the corrected command just runs, without --resume or --overwrite.
+    broken = _copy(student_dir, tmp_path / "broken-student")
+    for weights in broken.glob("*.safetensors"):
+        weights.unlink()
+    failed = tmp_path / "failed"
+    with pytest.raises(KdcacheError, match="cannot load the student"):
+        train_student(config(broken, train_cache, failed, max_steps=1))
+    train_student(config(student_dir, train_cache, failed, max_steps=1))
+    assert (failed / "COMPLETE").exists()
+
 
 def test_out_of_memory_is_one_line_with_a_hint(student_dir, train_cache, tmp_path, monkeypatch):
     from kdcache.student import train
@@ -456,7 +514,7 @@ def test_option_errors(student_dir, train_cache, sample_cache, tmp_path):
         train_student(config(student_dir, train_cache, tmp_path / "q", lora_r=4, load_in_4bit=True, max_steps=1))
     with pytest.raises(KdcacheError, match="also pass --lora-r"):
         train_student(config(student_dir, train_cache, tmp_path / "q2", load_in_4bit=True))
-    with pytest.raises(KdcacheError, match="rs_kd needs sampled teacher tokens"):
+    with pytest.raises(KdcacheError, match="rs_kd needs tokens drawn from the teacher's full distribution"):
         train_student(config(student_dir, train_cache, tmp_path / "rs", loss="rs_kd"))
     with pytest.raises(KdcacheError, match="jsd_beta|beta must be"):
         train_student(config(student_dir, train_cache, tmp_path / "b", loss="jsd", jsd_beta=2.0))

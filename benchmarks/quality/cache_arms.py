@@ -30,15 +30,21 @@ SHARD_SIZE = 1024
 
 @dataclass(frozen=True)
 class CacheSpec:
-    """What a cache stores: ``top_k`` log-probs (+ tail), or ``samples`` random draws (top_k 0)."""
+    """What a cache stores: ``top_k`` log-probs (+ tail), and/or ``samples`` draws per token:
+    ``sampling`` "random" (full distribution) or "tail" (outside the top-k)."""
 
     top_k: int = 0
     samples: int = 0
     seed: int = 0
+    sampling: str = "random"
 
     @property
     def name(self) -> str:
-        return f"top{self.top_k}" if self.samples == 0 else f"rs{self.samples}-s{self.seed}"
+        if self.samples == 0:
+            return f"top{self.top_k}"
+        if self.sampling == "tail":
+            return f"top{self.top_k}-tail{self.samples}-s{self.seed}"
+        return f"rs{self.samples}-s{self.seed}"
 
 
 @dataclass
@@ -94,7 +100,7 @@ def build_cache(
         output=str(out_dir),
         backend=backend,
         top_k=spec.top_k,
-        sampling="random" if spec.samples else "none",
+        sampling=spec.sampling if spec.samples else "none",
         samples=spec.samples or 50,
         seed=spec.seed,
         max_length=max_length,

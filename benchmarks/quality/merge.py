@@ -32,10 +32,10 @@ def choices_from(summary: Sequence[dict]) -> dict:
     tail = best([r for r in summary if r["loss"] == "tail" and r["ce_weight"] == 0.0 and r["arm"].startswith("tail-k")])
     if tail is not None:
         choices["best top-k (lowest held-out KL among tail arms)"] = int(tail["arm"].removeprefix("tail-k"))
-    mode = best([r for r in summary if r["ce_weight"] == 0.0 and r["loss"] in ("tail", "topk_renorm", "rs_kd")
+    mode = best([r for r in summary if r["ce_weight"] == 0.0 and r["loss"] in ("tail", "topk_renorm", "rs_kd", "tail_rs")
                  and not r["arm"].startswith(("rkl", "jsd"))])
     if mode is not None:
-        choices["best cache mode (lowest held-out KL among tail, renorm, rs)"] = mode["arm"]
+        choices["best cache mode (lowest held-out KL among tail, renorm, rs, tail_rs)"] = mode["arm"]
     return choices
 
 

@@ -11,7 +11,7 @@ Phases (each arm's result is saved under ``--work-dir``, so a rerun resumes):
 3. cache modes at seed 0: ``tail-k<k>`` for each ``--ks``, ``renorm-k<renorm_k>``,
    ``rs-n<N>``; then the second seed of the candidates (``--seed-arms``);
 4. on the best top-k (lowest held-out text KL among the ``tail-k*`` arms): ``rkl-k*``,
-   ``jsd-k*``; on the best cache mode overall (lowest held-out text KL among tail, renorm, rs):
+   ``jsd-k*``; on the best cache mode overall (lowest held-out text KL among tail, renorm, rs, tail_rs):
    ``<mode>+ce<w>``;
 5. the report.
 
@@ -90,6 +90,14 @@ def rs_arm(samples: int, seed: int) -> Arm:
     return Arm(f"rs-n{samples}", "rs_kd", f"cache of {samples} random teacher samples per token, "
                "`--sampling random --samples {0} --top-k 0`, `--loss rs_kd`; drawn with the arm's seed".format(samples),
                seed, CacheSpec(samples=samples, seed=seed))
+
+
+def tailrs_arm(k: int, samples: int, seed: int) -> Arm:
+    from benchmarks.quality.cache_arms import CacheSpec
+
+    return Arm(f"tailrs-k{k}-n{samples}", "tail_rs", f"cache top-{k} + tail bucket + {samples} draws per token from "
+               f"outside the top-{k}, `--top-k {k} --sampling tail --samples {samples}`, `--loss tail_rs` (exact top-k, "
+               "unbiased tail); drawn with the arm's seed", seed, CacheSpec(top_k=k, samples=samples, seed=seed, sampling="tail"))
 
 
 def variant_arm(base: Arm, name: str, loss: str, description: str, ce_weight: float = 0.0) -> Arm:
@@ -386,6 +394,8 @@ class Benchmark:
             modes.append(renorm_arm(args.renorm_k, seeds[0]))
         if "all" in wanted or "rs" in wanted:
             modes.append(rs_arm(args.rs_samples, seeds[0]))
+        if "all" in wanted or "tailrs" in wanted:
+            modes += [tailrs_arm(*_k_n(spec), seeds[0]) for spec in args.tailrs]
         self.run_phase(modes)
         planned += modes
 
@@ -399,9 +409,15 @@ class Benchmark:
                 wanted_seed = ((arm is best_tail and "tail-best" in args.seed_arms)
                                or (arm.loss == "tail" and "tail" in args.seed_arms)
                                or (arm.loss == "topk_renorm" and "renorm" in args.seed_arms)
-                               or (arm.loss == "rs_kd" and "rs" in args.seed_arms))
+                               or (arm.loss == "rs_kd" and "rs" in args.seed_arms)
+                               or (arm.loss == "tail_rs" and "tailrs" in args.seed_arms))
                 if wanted_seed:
-                    extra.append(rs_arm(args.rs_samples, seed) if arm.loss == "rs_kd" else replace(arm, seed=seed))
+                    if arm.loss == "rs_kd":
+                        extra.append(rs_arm(args.rs_samples, seed))
+                    elif arm.loss == "tail_rs":  # fresh draws for the seed, like rs
+                        extra.append(tailrs_arm(arm.cache.top_k, arm.cache.samples, seed))
+                    else:
+                        extra.append(replace(arm, seed=seed))
         if best_tail is not None:
             k = best_tail.cache.top_k
             choices["best top-k (lowest held-out KL among tail arms)"] = k
@@ -411,7 +427,7 @@ class Benchmark:
                 extra.append(variant_arm(best_tail, f"jsd-k{k}", "jsd", f"cache top-{k} + tail, generalized "
                                          "JSD(β=0.5) on the k+1 outcomes (`--loss jsd --jsd-beta 0.5`)"))
         if best_mode is not None and ("all" in wanted or "ce" in wanted):
-            choices["best cache mode (lowest held-out KL among tail, renorm, rs)"] = best_mode.name
+            choices["best cache mode (lowest held-out KL among tail, renorm, rs, tail_rs)"] = best_mode.name
             w = args.ce_weight
             extra.append(variant_arm(best_mode, f"{best_mode.name}+ce{w:g}", best_mode.loss,
                                      f"{best_mode.name} with `--ce-weight {w:g}`: (1-w)·KD + w·CE", ce_weight=w))
@@ -463,6 +479,12 @@ class Benchmark:
         }
 
 
+def _k_n(spec: str) -> tuple[int, int]:
+    """``"K:N"`` (a --tailrs entry) -> ``(K, N)``."""
+    k, _, n = spec.partition(":")
+    return int(k), int(n)
+
+
 class _NotRun(Exception):
     """An arm that cannot run here (its kdcache stage is missing)."""
 
@@ -475,14 +497,16 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                                      description="kdcache quality benchmark (issue 4).")
     parser.add_argument("--scale", choices=("cpu", "gpu"), default="cpu")
     parser.add_argument("--arms", nargs="+", default=["all"],
-                        help="subset: sft online tail renorm rs divergences ce (default: all)")
+                        help="subset: sft online tail renorm rs tailrs divergences ce (default: all)")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1],
                         help="seeds; the first one runs every arm, the others the references and --seed-arms")
     parser.add_argument("--seed-arms", nargs="*", default=["tail-best", "rs", "renorm"],
-                        help="cache arms that also run the other seeds: tail-best tail rs renorm")
+                        help="cache arms that also run the other seeds: tail-best tail rs renorm tailrs")
     parser.add_argument("--ks", nargs="+", type=int, default=[8, 32, 64, 128])
     parser.add_argument("--renorm-k", type=int, default=64)
     parser.add_argument("--rs-samples", type=int, default=50)
+    parser.add_argument("--tailrs", nargs="+", default=["4:8"], metavar="K:N",
+                        help="tail_rs arms: top-K + N draws per token from outside the top-K (default: 4:8)")
     parser.add_argument("--ce-weight", type=float, default=0.5)
     parser.add_argument("--student-layers", type=int, default=10)
     parser.add_argument("--teacher-backend", choices=("auto", "vllm", "hf"), default="auto")

@@ -78,7 +78,9 @@ def manifest_json_schema() -> dict:
                 "type": "object",
                 "required": ["mode", "num_samples", "seed"],
                 "properties": {
-                    "mode": {"enum": ["none", "random"]},
+                    "mode": {"enum": ["none", "random", "tail"],
+                             "description": "random: draws from the full distribution; tail: from the distribution "
+                                            "restricted to the ids outside the position's top-k"},
                     "num_samples": {"type": "integer", "minimum": 0},
                     "seed": {"type": "integer"},
                 },
@@ -142,10 +144,15 @@ def load_manifest(cache_dir: str | Path) -> dict:
 
 
 def write_json_atomic(path: Path, payload: dict) -> None:
+    """Write JSON to a temp file, fsync, rename; on failure (e.g. disk full) nothing is left."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as handle:
-        json.dump(payload, handle, indent=2)
-        handle.write("\n")
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as handle:
+            json.dump(payload, handle, indent=2)
+            handle.write("\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except OSError:
+        tmp.unlink(missing_ok=True)
+        raise

@@ -27,9 +27,50 @@ def decode_id_table(blob: bytes) -> np.ndarray:
 def _check_shard_meta(path: Path, meta: dict[bytes, bytes] | None) -> None:
     if not meta or fmt.META_VERSION not in meta:
         raise KdcacheError(f"{path}: not a kdcache shard (no format version in its footer)")
-    version = int(meta[fmt.META_VERSION])
+    try:
+        version = int(meta[fmt.META_VERSION])
+    except ValueError:
+        raise KdcacheError(f"{path}: damaged shard footer (format version unreadable); copy the shard again "
+                           "or rerun generate-teacher") from None
     if version not in fmt.SUPPORTED_VERSIONS:
         raise fmt.version_error(path, version)
+
+
+def _footer_id_table(path: Path, meta: dict[bytes, bytes]) -> np.ndarray:
+    try:
+        return decode_id_table(meta[fmt.META_ID_TABLE])
+    except Exception as exc:  # KeyError, base64/zstd errors, bad shapes: all mean a damaged footer
+        raise KdcacheError(f"{path}: damaged shard footer (id table unreadable: {_first_line(exc)}); copy the shard "
+                           "again or rerun generate-teacher") from None
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0]
+
+
+#: (path, size, mtime_ns) of shard files whose sha256 matched the manifest in this process.
+_VERIFIED: set[tuple[str, int, int]] = set()
+
+
+def check_shard_checksum(path: Path, expected_sha256: str) -> None:
+    """Hash the shard file and compare with the manifest (once per file version per process).
+
+    A damaged shard of the right size can still decode (a flipped bit in a zstd literal
+    changes values without breaking the page), so size and footer checks are not enough.
+    """
+    from kdcache.cache.writer import file_sha256
+
+    stat = path.stat()
+    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+    if key in _VERIFIED:
+        return
+    if file_sha256(path) != expected_sha256:
+        raise KdcacheError(
+            f"{path}: checksum differs from the manifest (damaged or changed since generate-teacher); "
+            "copy the shard again or rerun generate-teacher"
+        )
+    _VERIFIED.add(key)
 
 
 def _flat(batch, name: str) -> tuple[np.ndarray, np.ndarray]:
@@ -131,6 +172,8 @@ class CacheReader:
         self.manifest = load_manifest(self.path)
         self.top_k = int(self.manifest["top_k"])
         self.num_samples = int(self.manifest["sampling"]["num_samples"])
+        #: "none", "random" (draws from the full distribution) or "tail" (from outside the top-k).
+        self.sampling_mode = self.manifest["sampling"]["mode"] if self.num_samples > 0 else "none"
 
     @property
     def shards(self) -> list[dict]:
@@ -148,13 +191,15 @@ class CacheReader:
                 f"{path}: size {path.stat().st_size} differs from the manifest's {shard['bytes']} (damaged or "
                 "truncated copy); run `kdcache verify` and copy the shard again"
             )
+        check_shard_checksum(path, shard["sha256"])
         try:
             pf = pq.ParquetFile(path)
         except Exception as exc:  # pyarrow raises ArrowInvalid/OSError for a damaged footer
-            raise KdcacheError(f"{path}: unreadable Parquet ({exc}); copy the shard again or rerun generate-teacher") from exc
+            raise KdcacheError(f"{path}: unreadable Parquet ({_first_line(exc)}); copy the shard again or rerun "
+                               "generate-teacher") from None
         meta = pf.schema_arrow.metadata
         _check_shard_meta(path, meta)
-        return pf, decode_id_table(meta[fmt.META_ID_TABLE])
+        return pf, _footer_id_table(path, meta)
 
     def iter_shard(self, shard: dict, batch_rows: int = 64) -> Iterator[TeacherScores]:
         pf, id_table = self.open_shard(shard)
@@ -176,4 +221,4 @@ def read_shard_file(path: str | Path, batch_rows: int = 64) -> Iterator[TeacherS
     pf = pq.ParquetFile(path)
     meta = pf.schema_arrow.metadata
     _check_shard_meta(path, meta)
-    yield from _iter_file(pf, decode_id_table(meta[fmt.META_ID_TABLE]), int(meta[fmt.META_TOP_K]), path, batch_rows)
+    yield from _iter_file(pf, _footer_id_table(path, meta), int(meta[fmt.META_TOP_K]), path, batch_rows)

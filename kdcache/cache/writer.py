@@ -192,7 +192,7 @@ def build_shard_table(results: Sequence[TeacherScores], top_k: int) -> tuple[pa.
     if has_topk:
         topk_lp = _cat([r.topk_logprobs for r in results], np.float32).reshape(-1, top_k)
         codes, gaps = encode_topk(topk_ids, topk_lp, code_of)
-        entries_off = targets_off * top_k
+        entries_off = _offsets(np.diff(targets_off.astype(np.int64)) * top_k)  # checked against int32
         cols["tail_logmass"] = _list_array(targets_off, _cat([r.tail_logmass for r in results], np.float32), pa.float32())
         code_bytes = codes.view(np.uint8).reshape(-1, 4)
         gap_bytes = gaps.view(np.uint8).reshape(-1, 2)

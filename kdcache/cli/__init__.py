@@ -59,6 +59,15 @@ def main(argv: list[str] | None = None) -> None:
             err=True,
         )
         sys.exit(130)
+    except OSError as exc:
+        # Disk full or permissions anywhere outside the paths that already say so: one line.
+        import errno
+
+        where = f"{exc.filename}: " if exc.filename else ""
+        hint = ("free space and rerun the same command (finished shards and checkpoints are kept)"
+                if exc.errno == errno.ENOSPC else "check the path and its permissions, then rerun the same command")
+        click.echo(f"kdcache: error: {where}{exc.strerror or exc}; {hint}", err=True)
+        sys.exit(2)
     except MemoryError:
         click.echo("kdcache: error: out of memory; lower --batch-tokens / --max-num-batched-tokens / --shard-size", err=True)
         sys.exit(2)

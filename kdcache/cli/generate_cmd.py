@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import click
 
+from kdcache.cache import format as fmt
 from kdcache.config import apply_config
 from kdcache.teacher.generate import GenerateConfig, generate_teacher_cache
 
@@ -21,10 +22,13 @@ def _load_config(ctx: click.Context, _param: click.Parameter, value: str | None)
 @click.option("--output", required=True, type=click.Path(file_okay=False), help="Cache directory (created; rerun the same command to resume).")
 @click.option("--backend", type=click.Choice(["auto", "vllm", "hf"]), default="auto", show_default=True, help="vLLM engine or transformers forward; auto prefers vLLM.")
 @click.option("--top-k", type=int, default=64, show_default=True, help="Top log-probs stored per supervised token (0 with --sampling random stores samples only).")
-@click.option("--sampling", type=click.Choice(["none", "random"]), default="none", show_default=True, help="Also store Random-Sampling KD targets.")
-@click.option("--samples", type=int, default=50, show_default=True, help="Draws per token for --sampling random.")
+@click.option("--sampling", type=click.Choice(["none", "random", "tail"]), default="none", show_default=True,
+              help="Also store sampled teacher tokens: random = N draws from the full distribution (Random-Sampling KD); "
+                   "tail = N draws from outside the top-k only (for --loss tail_rs: exact top-k, unbiased tail).")
+@click.option("--samples", type=int, default=50, show_default=True, help="Draws per token for --sampling random/tail.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for sampling (per sequence: [seed, seq_id]).")
-@click.option("--max-length", type=int, default=2048, show_default=True, help="Truncate sequences to this many tokens.")
+@click.option("--split", default="train", show_default=True, help="Split of a `datasets` DatasetDict directory or hub dataset.")
+@click.option("--max-length", type=int, default=2048, show_default=True, help="Truncate sequences to this many tokens (--mode generate: prompt + response).")
 @click.option("--format", "data_format", type=click.Choice(["text", "prompt_response", "alpaca", "messages"]), default=None, help="Input format (default: detected from the first row).")
 @click.option("--mode", type=click.Choice(["score", "generate"]), default="score", show_default=True, help="score: teacher-forced on the dataset's responses; generate: the teacher writes the responses (sequence-level KD).")
 @click.option("--max-new-tokens", type=int, default=256, show_default=True, help="--mode generate: response length limit.")
@@ -37,11 +41,11 @@ def _load_config(ctx: click.Context, _param: click.Parameter, value: str | None)
 @click.option("--dtype", default="auto", show_default=True, help="Teacher dtype: auto, bfloat16, float16, float32.")
 @click.option("--quantization", default=None, help="vLLM quantization method (awq, gptq, ...); detected from the checkpoint if omitted.")
 @click.option("--tensor-parallel-size", type=int, default=1, show_default=True, help="vLLM tensor parallelism (GPUs per teacher).")
-@click.option("--gpu-memory-utilization", type=float, default=None, help="vLLM share of GPU memory [default: 0.9 on GPU, 0.3 on CPU].")
+@click.option("--gpu-memory-utilization", type=float, default=None, help="vLLM share of GPU memory [default: 0.85 on GPU, 0.3 on CPU].")
 @click.option("--max-num-batched-tokens", type=int, default=None, help="vLLM tokens per scheduler step; bounds the full-vocab fp32 log-prob buffer (~10 B x tokens x vocab).")
-@click.option("--max-model-len", type=int, default=None, help="vLLM context length (default: --max-length).")
+@click.option("--max-model-len", type=int, default=None, help="vLLM context length (default: --max-length + 1 when scoring, --max-length with --mode generate).")
 @click.option("--enforce-eager/--no-enforce-eager", default=None, help="vLLM: skip graph compilation (faster start) [default: on for CPU, off for GPU].")
-@click.option("--zstd-level", type=int, default=3, show_default=True, help="Parquet zstd level.")
+@click.option("--zstd-level", type=int, default=fmt.ZSTD_LEVEL, show_default=True, help="Parquet zstd level of the shards (1 measured best: higher levels barely shrink the high-entropy byte planes and write slower).")
 @click.option("--progress/--no-progress", default=True, show_default=True, help="Show a progress bar.")
 def generate_teacher(**options) -> None:
     """Score DATASET with TEACHER and write its sparse next-token distributions to OUTPUT.

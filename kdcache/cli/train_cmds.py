@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 
 import click
@@ -35,9 +36,10 @@ def _quiet_transformers() -> None:
 def _loss_options(func):
     options = [
         click.option("--loss", type=click.Choice(["auto", *LOSS_NAMES]), default="auto", show_default=True,
-                     help="KD loss: auto (rs_kd for a cache of samples only, else tail), tail (= forward KL on top-k + "
-                          "tail bucket), forward_kl, reverse_kl, jsd, skew_forward, skew_reverse, tv, akl, topk_renorm "
-                          "(biased, for comparison), rs_kd (needs a --sampling random cache)."),
+                     help="KD loss: auto (rs_kd for a cache of samples only, tail_rs for a --sampling tail cache, else tail), "
+                          "tail (= forward KL on top-k + tail bucket), forward_kl, reverse_kl, jsd, skew_forward, "
+                          "skew_reverse, tv, akl, topk_renorm (biased, for comparison), rs_kd (needs a --sampling random "
+                          "cache), tail_rs (exact top-k + tail bucket, the tail's shape from a --sampling tail cache)."),
         click.option("--temperature", type=float, default=1.0, show_default=True, help="Distillation temperature (KD term x T^2)."),
         click.option("--jsd-beta", type=float, default=0.5, show_default=True, help="--loss jsd: mixture weight (0 = forward KL, 1 = reverse KL)."),
         click.option("--skew-alpha", type=float, default=0.1, show_default=True, help="--loss skew_forward/skew_reverse: skew in [0, 1)."),
@@ -50,13 +52,13 @@ def _loss_options(func):
     return func
 
 
-def _runtime_options(func):
+def _runtime_options(func, dtype_help: str = "Weight dtype: auto (float32 master weights; bfloat16 frozen base for "
+                                                 "LoRA on GPUs), float32, bfloat16, float16."):
     options = [
         click.option("--micro-batch-tokens", type=int, default=8192, show_default=True,
                      help="Tokens per forward pass (sequences are packed up to this budget); the main memory knob."),
         click.option("--device", default="auto", show_default=True, help="auto (cuda > mps > cpu), cpu, cuda, cuda:1, ..."),
-        click.option("--dtype", default="auto", show_default=True,
-                     help="Weight dtype: auto (float32 master weights; bfloat16 frozen base for LoRA on GPUs), float32, bfloat16, float16."),
+        click.option("--dtype", default="auto", show_default=True, help=dtype_help),
         click.option("--autocast", type=click.Choice(["auto", "bf16", "none"]), default="auto", show_default=True,
                      help="bf16 autocast of the forward pass (auto: on CUDA GPUs with bf16)."),
         click.option("--attn-implementation", default="auto", show_default=True,
@@ -132,7 +134,8 @@ def train_student(**options) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the metrics as JSON.")
 @click.option("--max-sequences", type=int, default=None, help="Evaluate the first N sequences only.")
 @_loss_options
-@_runtime_options
+@functools.partial(_runtime_options, dtype_help="Weight dtype: auto (the checkpoint's own dtype; float32 on CPU), "
+                                              "float32, bfloat16, float16.")
 @click.option("--progress/--no-progress", default=False, show_default=True, help="Show a progress bar.")
 def eval_cmd(model: str, cache: str, as_json: bool, max_sequences: int | None, loss: str, temperature: float,
              jsd_beta: float, skew_alpha: float, akl_mu: float, ce_weight: float, micro_batch_tokens: int,

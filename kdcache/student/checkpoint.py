@@ -85,6 +85,7 @@ def claim_output(out: Path, settings: dict, *, resume: bool, overwrite: bool) ->
     * empty or missing: a fresh run;
     * another training run there: refused unless ``overwrite`` (wiped) or ``resume`` with
       the same settings (keys that cannot change the result, e.g. logging, may differ);
+      one that never saved a checkpoint holds nothing to resume and is replaced;
     * a finished run with ``resume``: :class:`KdcacheError` saying so;
     * anything else (not a training run): refused, never wiped.
     """
@@ -103,7 +104,10 @@ def claim_output(out: Path, settings: dict, *, resume: bool, overwrite: bool) ->
     elif out.exists() and any(not p.name.startswith(".") for p in out.iterdir()):
         raise KdcacheError(f"{out}: directory is not empty and holds no train-student run; choose an empty --output")
 
-    if existing is not None and overwrite:
+    # A run that stopped before its first checkpoint (e.g. the student failed to load) left
+    # nothing to resume: rerunning the command, with any settings, starts it afresh.
+    no_progress = not (out / "last" / "trainer_state.json").exists() and not (out / COMPLETE_FILE).exists()
+    if existing is not None and (overwrite or no_progress):
         for child in out.iterdir():
             shutil.rmtree(child) if child.is_dir() else child.unlink()
         existing = None
@@ -225,13 +229,23 @@ def load_training_state(
         raise KdcacheError(f"{directory}: damaged checkpoint ({type(exc).__name__}: {exc}); use --overwrite to restart") from None
 
 
+def _parse_line(line: str) -> dict | None:
+    """One metrics record, or None for a blank or partial line (a run killed mid-append)."""
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return None
+    return record if isinstance(record, dict) else None
+
+
 class MetricsLog:
     """Append-only JSONL of metrics; on resume, lines after the resumed step are dropped."""
 
     def __init__(self, path: Path, keep_until_step: int | None = None) -> None:
         self.path = path
         if keep_until_step is not None and path.exists():
-            kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line).get("step", 0) <= keep_until_step]
+            kept = [line for line in path.read_text().splitlines()
+                    if (record := _parse_line(line)) is not None and record.get("step", 0) <= keep_until_step]
             path.write_text("".join(line + "\n" for line in kept))
         elif keep_until_step is None:
             path.write_text("")

@@ -147,23 +147,39 @@ def check_same_tokenizer(train_manifest: dict, eval_manifest: dict, eval_dir: st
 
 
 def resolve_loss(loss: str, manifest: dict) -> str:
-    """``--loss auto``: ``rs_kd`` for a cache of samples only, else ``tail`` (top-k + tail
-    bucket); any other name is returned unchanged."""
+    """``--loss auto``: ``rs_kd`` for a cache of samples only, ``tail_rs`` for a cache of
+    top-k plus tail samples, else ``tail`` (top-k + tail bucket); any other name is
+    returned unchanged."""
     if loss != "auto":
         return loss
+    if _sampling_mode(manifest) == "tail":
+        return "tail_rs"
     samples_only = int(manifest["top_k"]) <= 0 and int(manifest["sampling"]["num_samples"]) > 0
     return "rs_kd" if samples_only else "tail"
 
 
+def _sampling_mode(manifest: dict) -> str:
+    sampling = manifest["sampling"]
+    return sampling["mode"] if int(sampling["num_samples"]) > 0 else "none"
+
+
 def check_loss_needs(loss: str, manifest: dict, cache_dir: str | Path) -> None:
-    """The loss must find what it needs in the cache (top-k, or sampled tokens for rs_kd)."""
-    if loss == "rs_kd":
-        if int(manifest["sampling"]["num_samples"]) <= 0:
-            raise KdcacheError(
-                f"{cache_dir}: --loss rs_kd needs sampled teacher tokens, but this cache has none "
-                "(regenerate it with `generate-teacher --sampling random`)"
-            )
-    elif int(manifest["top_k"]) <= 0:
+    """The loss must find what it needs in the cache: top-k, full-distribution samples for
+    ``rs_kd``, top-k plus tail samples for ``tail_rs``."""
+    mode = _sampling_mode(manifest)
+    if loss == "rs_kd" and mode != "random":
+        got = "tokens drawn from outside the top-k only (--sampling tail; use --loss tail_rs)" if mode == "tail" else "none"
+        raise KdcacheError(
+            f"{cache_dir}: --loss rs_kd needs tokens drawn from the teacher's full distribution, but this cache has "
+            f"{got} (regenerate it with `generate-teacher --sampling random`)"
+        )
+    if loss == "tail_rs" and mode != "tail":
+        raise KdcacheError(
+            f"{cache_dir}: --loss tail_rs needs tokens drawn from outside the top-k, but this cache has "
+            f"{'full-distribution samples' if mode == 'random' else 'no samples'} "
+            "(regenerate it with `generate-teacher --sampling tail`, or use --loss tail)"
+        )
+    if loss != "rs_kd" and int(manifest["top_k"]) <= 0:
         raise KdcacheError(
             f"{cache_dir}: --loss {loss} needs the teacher's top-k, but this cache stores samples only (top_k 0); "
             "use --loss rs_kd"

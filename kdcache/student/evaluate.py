@@ -86,7 +86,8 @@ def evaluate(
     reader = cache if isinstance(cache, CacheReader) else CacheReader(cache)
     device = device or next(model.parameters()).device
     attn = attn_implementation or getattr(model.config, "_attn_implementation", "sdpa") or "sdpa"
-    with_samples = loss_config is not None and loss_config.needs_samples and reader.num_samples > 0
+    with_samples = (loss_config is not None and loss_config.needs_samples
+                    and reader.sampling_mode == loss_config.sampling_mode)
     want_loss = loss_config is not None and (with_samples or (not loss_config.needs_samples and reader.top_k > 0))
     weight, bias, scale = lm_head_params(model)
     body_dtype = decoder_body(model).get_input_embeddings().weight.dtype

@@ -49,6 +49,16 @@ Other losses
   ``H(p)`` is unknown from samples; the metric ``rs_kl`` reports
   ``KL(w || q) = sum_i w_i log w_i - sum_i w_i log q_i`` (same gradient; it is >= 0, but
   as an estimate of ``KL(p || q)`` it is biased upward by ``H(p) - E[H(w)] >= 0``).
+* ``tail_rs`` (top-k + tail bucket + tail samples; needs a ``--sampling tail`` cache,
+  whose ``N`` draws per position come from the teacher restricted to the ids outside
+  ``K``, ``w_j = count_j / N``): the exact identity
+  ``KL(p || q) = KL(P || Q) + p_tail KL(p_tail-shape || q_tail-shape)``, with the
+  teacher's tail shape ``p_j / p_tail`` replaced by ``w``:
+  ``KL(P || Q) + p_tail * sum_j w_j (log w_j - log(q_j / q_tail))``. Since
+  ``E[w_j] = p_j / p_tail``, its gradient is an unbiased estimate of the gradient of the
+  full-vocabulary ``KL(p || q)``, with the top-k part exact (no sampling noise where
+  most of the mass is). ``sum w log w`` is a constant that keeps the value ``>= 0``; the
+  value is biased upward like ``rs_kl``. With exact weights it *is* the full KL.
 
 Temperature ``tau``
 -------------------
@@ -103,9 +113,12 @@ LOSS_NAMES: tuple[str, ...] = (
     "akl",
     "topk_renorm",
     "rs_kd",
+    "tail_rs",
 )
 #: Losses on the (k+1)-outcome coarse distributions (they need the student tail).
-COARSE_LOSSES: frozenset[str] = frozenset(LOSS_NAMES) - {"topk_renorm", "rs_kd"}
+COARSE_LOSSES: frozenset[str] = frozenset(LOSS_NAMES) - {"topk_renorm", "rs_kd", "tail_rs"}
+#: Losses over sampled teacher tokens (the cache must hold samples of the matching kind).
+SAMPLE_LOSSES: frozenset[str] = frozenset({"rs_kd", "tail_rs"})
 
 #: Stand-in for ``log 0`` where exactly one side of an outcome has zero mass.
 LOG_ZERO: float = -53.0 * math.log(2.0)
@@ -145,8 +158,8 @@ class KDLossConfig:
             raise ValueError(f"akl_mu must be in (0, 1), got {self.akl_mu}")
         if not 0.0 <= self.ce_weight <= 1.0:
             raise ValueError(f"ce_weight must be in [0, 1], got {self.ce_weight}")
-        if self.loss == "rs_kd" and self.tau != 1.0:
-            raise ValueError("rs_kd needs tau == 1: the cached samples were drawn at temperature 1")
+        if self.loss in SAMPLE_LOSSES and self.tau != 1.0:
+            raise ValueError(f"{self.loss} needs tau == 1: the cached samples were drawn at temperature 1")
 
     @property
     def needs_topk(self) -> bool:
@@ -154,11 +167,16 @@ class KDLossConfig:
 
     @property
     def needs_tail(self) -> bool:
-        return self.loss in COARSE_LOSSES
+        return self.loss in COARSE_LOSSES or self.loss == "tail_rs"
 
     @property
     def needs_samples(self) -> bool:
-        return self.loss == "rs_kd"
+        return self.loss in SAMPLE_LOSSES
+
+    @property
+    def sampling_mode(self) -> str:
+        """The cache sampling mode this loss reads: "random", "tail", or "none"."""
+        return {"rs_kd": "random", "tail_rs": "tail"}.get(self.loss, "none")
 
 
 @dataclass
@@ -203,7 +221,7 @@ class TeacherTargets:
             raise ValueError(f"loss {config.loss!r} needs tail_logmass of shape [T]")
         if config.needs_samples:
             if self.sample_ids is None or self.sample_weights is None:
-                raise ValueError("loss 'rs_kd' needs sample_ids and sample_weights (cache built with sampling)")
+                raise ValueError(f"loss {config.loss!r} needs sample_ids and sample_weights (cache built with sampling)")
             if self.sample_ids.shape != self.sample_weights.shape or self.sample_ids.shape[0] != t:
                 raise ValueError("sample_ids and sample_weights must both be [T, m]")
 
@@ -417,6 +435,26 @@ def sample_neg_entropy(sample_weights: Tensor) -> Tensor:
     return torch.special.xlogy(sample_weights, sample_weights).sum(dim=-1)
 
 
+def tail_sample_kl(
+    teacher_tail: Tensor, student_tail: Tensor, sample_logprobs: Tensor, sample_weights: Tensor
+) -> Tensor:
+    """``p_tail * sum_j w_j (log w_j - log(q_j / q_tail))``: the tail term of ``tail_rs``.
+
+    Args:
+        teacher_tail: ``[T]`` teacher tail log-mass ``log p_tail`` (may be ``-inf``).
+        student_tail: ``[T]`` student tail log-mass ``log q_tail``.
+        sample_logprobs: ``[T, m]`` student log-probs ``log q_j`` at the tail samples.
+        sample_weights: ``[T, m]`` ``count / N`` (0 for padding; all 0 where nothing was drawn).
+
+    Returns ``[T]``, ``>= 0``.
+    """
+    w = sample_weights.to(sample_logprobs.dtype)
+    shape = sample_logprobs - student_tail[:, None]  # log of the student's tail shape at the samples
+    terms = torch.where(w > 0, torch.special.xlogy(w, w) - w * shape, torch.zeros_like(shape))
+    p_tail = teacher_tail.to(shape.dtype).exp()
+    return p_tail * terms.sum(dim=-1)
+
+
 def kd_per_token(student: StudentLogProbs, targets: TeacherTargets, config: KDLossConfig) -> Tensor:
     """KD loss per position, already multiplied by ``tau**2``; ``-> [T]``.
 
@@ -436,7 +474,10 @@ def kd_per_token(student: StudentLogProbs, targets: TeacherTargets, config: KDLo
         s_tail = student.tail if student.tail is not None else student_tail_from_topk(student.topk)
         t = temper(torch.cat([t_topk, targets.tail_logmass.to(dtype)[:, None]], dim=-1), config.tau)
         s = temper(torch.cat([student.topk, s_tail[:, None]], dim=-1), config.tau)
-        kd = coarse_divergence(t, s, config)
+        if config.loss == "tail_rs":
+            kd = forward_kl(t, s) + tail_sample_kl(targets.tail_logmass, s_tail, student.samples, targets.sample_weights)
+        else:
+            kd = coarse_divergence(t, s, config)
     return kd * config.tau**2
 
 

@@ -162,6 +162,8 @@ class TrainConfig:
                 raise KdcacheError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
         if self.max_steps is not None and self.max_steps < 1:
             raise KdcacheError(f"--max-steps must be >= 1, got {self.max_steps}")
+        if self.eval_sequences is not None and self.eval_sequences < 1:
+            raise KdcacheError(f"--eval-sequences must be >= 1 (or left out for the whole eval cache), got {self.eval_sequences}")
         if self.eval_every < 0 or self.save_every < 0 or self.lora_r < 0:
             raise KdcacheError("--eval-every, --save-every and --lora-r must be >= 0")
         if not 0.0 <= self.warmup_ratio < 1.0:
@@ -297,18 +299,20 @@ def run_settings(cfg: TrainConfig, reader: CacheReader, eval_reader: CacheReader
 def _best_metric(cfg: TrainConfig, loss_config: KDLossConfig, eval_reader: CacheReader) -> str:
     """The eval metric that picks ``best/``: ``--best-metric`` if the eval cache can give it.
 
-    ``loss`` needs what the loss needs (top-k, or samples for rs_kd); without samples an
-    rs_kd run falls back to ``kl`` with a warning. ``kl`` needs a top-k cache.
+    ``loss`` needs what the loss needs (top-k, or samples of the right kind for rs_kd and
+    tail_rs); without them such a run falls back to ``kl`` with a warning. ``kl`` needs a
+    top-k cache.
     """
     available = {"ce"}
     if eval_reader.top_k > 0:
         available.add("kl")
-    if (eval_reader.num_samples > 0) if loss_config.needs_samples else (eval_reader.top_k > 0):
+    if (eval_reader.sampling_mode == loss_config.sampling_mode) if loss_config.needs_samples else (eval_reader.top_k > 0):
         available.add("loss")
     if cfg.best_metric in available:
         return cfg.best_metric
     if cfg.best_metric == "loss" and "kl" in available:
-        _warn([f"{cfg.eval_cache} has no sampled tokens for the {cfg.loss} loss; best checkpoint chosen by eval kl"])
+        _warn([f"{cfg.eval_cache} has no {loss_config.sampling_mode}-sampled tokens for the {loss_config.loss} loss; "
+               "best checkpoint chosen by eval kl"])
         return "kl"
     raise KdcacheError(
         f"{cfg.eval_cache}: --best-metric {cfg.best_metric} cannot be computed on this eval cache "

@@ -17,6 +17,8 @@ class ScoringSettings:
     Attributes:
         top_k: number of top log-probs stored per position (0 disables top-k).
         num_samples: ``N`` draws per position for Random-Sampling KD (0 disables).
+        sample_tail: draw from the teacher's distribution restricted to the ids outside the
+            position's top-k (``--sampling tail``) instead of the full distribution.
         seed: base seed; draws for a sequence use ``numpy.random.default_rng([seed, seq_id])``
             so results never depend on batching or worker layout.
     """
@@ -24,16 +26,27 @@ class ScoringSettings:
     top_k: int = 64
     num_samples: int = 0
     seed: int = 0
+    sample_tail: bool = False
 
 
 @dataclass(frozen=True)
 class GenerationSettings:
-    """Sampling flags for ``--mode generate`` (sequence-level KD)."""
+    """Sampling flags for ``--mode generate`` (sequence-level KD).
+
+    ``max_length`` (None: no bound) caps prompt + response: a response gets at most
+    ``min(max_new_tokens, max_length - prompt tokens)`` tokens.
+    """
 
     max_new_tokens: int = 256
     temperature: float = 1.0
     top_p: float = 1.0
     seed: int = 0
+    max_length: int | None = None
+
+    def budget(self, prompt_tokens: int) -> int:
+        """New tokens allowed after a prompt of ``prompt_tokens`` tokens (>= 0)."""
+        room = self.max_new_tokens if self.max_length is None else min(self.max_new_tokens, self.max_length - prompt_tokens)
+        return max(0, room)
 
 
 class TeacherBackend(abc.ABC):

@@ -42,11 +42,12 @@ class GenerateConfig:
     output: str
     backend: str = "auto"
     top_k: int = 64
-    sampling: str = "none"  # "none" | "random"
+    sampling: str = "none"  # "none" | "random" (full distribution) | "tail" (outside the top-k)
     samples: int = 50
     seed: int = 0
     max_length: int = 2048
     data_format: str | None = None
+    split: str = "train"  # split of a `datasets` DatasetDict directory or hub dataset
     mode: str = "score"  # "score" | "generate"
     max_new_tokens: int = 256
     temperature: float = 1.0
@@ -58,7 +59,7 @@ class GenerateConfig:
     dtype: str = "auto"
     quantization: str | None = None
     tensor_parallel_size: int = 1
-    gpu_memory_utilization: float | None = None  # None: 0.9 on GPU, 0.3 on CPU
+    gpu_memory_utilization: float | None = None  # None: 0.85 on GPU, 0.3 on CPU
     max_num_batched_tokens: int | None = None
     max_model_len: int | None = None
     enforce_eager: bool | None = None  # None: eager on CPU, compiled on GPU
@@ -67,18 +68,26 @@ class GenerateConfig:
     engine_options: dict = field(default_factory=dict)
 
     def check(self) -> None:
-        if self.sampling not in ("none", "random"):
-            raise KdcacheError(f"--sampling must be 'none' or 'random', got {self.sampling!r}")
+        if self.sampling not in ("none", "random", "tail"):
+            raise KdcacheError(f"--sampling must be 'none', 'random' or 'tail', got {self.sampling!r}")
         if self.mode not in ("score", "generate"):
             raise KdcacheError(f"--mode must be 'score' or 'generate', got {self.mode!r}")
         if self.top_k < 0 or (self.top_k == 0 and self.sampling == "none"):
             raise KdcacheError("--top-k must be >= 1 (or 0 together with --sampling random)")
-        if self.sampling == "random" and not 1 <= self.samples <= 65535:
+        if self.sampling == "tail" and self.top_k == 0:
+            raise KdcacheError("--sampling tail draws from outside the top-k: it needs --top-k >= 1")
+        if self.sampling != "none" and not 1 <= self.samples <= 65535:
             raise KdcacheError("--samples must be between 1 and 65535")
         if not 0 <= self.worker_index < self.num_workers:
             raise KdcacheError(f"--worker-index must be in [0, {self.num_workers}), got {self.worker_index}")
         if self.shard_size < 1 or self.max_length < 2:
             raise KdcacheError("--shard-size must be >= 1 and --max-length >= 2")
+        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
+            raise KdcacheError(f"--dtype {self.dtype!r}: use auto, float32, bfloat16 or float16")
+        if self.mode == "generate":
+            if self.temperature < 0 or not 0 < self.top_p <= 1 or self.max_new_tokens < 1:
+                raise KdcacheError("--mode generate needs --temperature >= 0 (0 = greedy), --top-p in (0, 1] "
+                                   "and --max-new-tokens >= 1")
 
 
 def _hash(payload: dict) -> str:
@@ -90,10 +99,11 @@ def _content_settings(cfg: GenerateConfig, teacher_info: dict, tok_fp: dict, dat
     if these match exactly."""
     return {
         "format_version": fmt.FORMAT_VERSION,
-        "teacher": {k: teacher_info.get(k) for k in ("model", "config_sha256", "gguf_sha256", "revision", "dtype", "quantization", "backend")},
+        # What scored the shards (backend and dtype as loaded) is checked by claim_scorer.
+        "teacher": {k: teacher_info.get(k) for k in ("model", "config_sha256", "gguf_sha256", "revision", "quantization")},
         "tokenizer": tok_fp,
         "top_k": cfg.top_k,
-        "sampling": {"mode": cfg.sampling, "num_samples": cfg.samples if cfg.sampling == "random" else 0, "seed": cfg.seed},
+        "sampling": {"mode": cfg.sampling, "num_samples": cfg.samples if cfg.sampling != "none" else 0, "seed": cfg.seed},
         "mode": cfg.mode,
         "generation": _generation(cfg),
         "dataset": {k: dataset_info[k] for k in ("fingerprint", "format")},
@@ -114,7 +124,9 @@ def claim_directory(out: Path, settings: dict) -> None:
     run_path = out / fmt.RUN_NAME
     payload = {"settings_hash": _hash(settings), "settings": settings, "tool_version": __version__}
     if not run_path.exists():
-        if any(p for p in out.iterdir() if not p.name.startswith(".")):
+        # run.json / tokenizer / scorer.json may appear from a worker that started at the same moment.
+        ours = {fmt.RUN_NAME, TOKENIZER_DIR, SCORER_NAME}
+        if any(p for p in out.iterdir() if not p.name.startswith(".") and p.name not in ours):
             raise KdcacheError(f"{out}: directory is not empty and holds no kdcache run; choose an empty --output")
         tmp = out / f".{fmt.RUN_NAME}.tmp-{os.getpid()}"
         tmp.write_text(json.dumps(payload, indent=2) + "\n")
@@ -133,6 +145,56 @@ def claim_directory(out: Path, settings: dict) -> None:
         )
 
 
+SCORER_NAME = "scorer.json"
+
+
+def claim_scorer(out: Path, scorer: dict) -> None:
+    """Every shard of a cache must come from the same backend and dtype: the first worker
+    to load its teacher records them in ``scorer.json``; a worker that loaded something else
+    (e.g. ``--backend auto`` fell back to transformers on one machine) stops before writing."""
+    path = out / SCORER_NAME
+    if not path.exists():
+        tmp = out / f".{SCORER_NAME}.tmp-{os.getpid()}"
+        tmp.write_text(json.dumps(scorer, indent=2) + "\n")
+        try:
+            os.link(tmp, path)  # atomic create-if-absent, as for run.json
+        except FileExistsError:
+            pass
+        finally:
+            tmp.unlink(missing_ok=True)
+    existing = json.loads(path.read_text())
+    if existing != scorer:
+        raise KdcacheError(
+            f"{out}: its shards are scored with backend {existing.get('backend_used')} in {existing.get('dtype_loaded')}, "
+            f"but this worker loaded backend {scorer.get('backend_used')} in {scorer.get('dtype_loaded')}; pass "
+            f"--backend {existing.get('backend_used')} --dtype {existing.get('dtype_loaded')} so the cache stays uniform"
+        )
+
+
+def _context_error(cfg: GenerateConfig, teacher_path: Path) -> KdcacheError | None:
+    """vLLM scores a sequence of ``L`` tokens as a request of ``L + 1`` (it must also emit one
+    token): refuse up front a ``--max-length`` that the teacher's context cannot hold."""
+    if cfg.backend == "hf" or cfg.max_model_len is not None:
+        return None
+    try:
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(str(teacher_path))
+    except Exception:  # noqa: BLE001 - the backend reports unloadable configs itself
+        return None
+    config = getattr(config, "text_config", None) or config
+    context = next((int(v) for name in ("max_position_embeddings", "n_positions", "max_seq_len")
+                    if isinstance(v := getattr(config, name, None), int)), None)
+    need = cfg.max_length + (0 if cfg.mode == "generate" else 1)
+    if context is None or need <= context:
+        return None
+    why = "" if cfg.mode == "generate" else " (one more than the longest sequence: it also emits one token)"
+    return KdcacheError(
+        f"{cfg.teacher}: its context is {context} positions and vLLM needs {need} for --max-length {cfg.max_length}"
+        f"{why}; use --max-length {context - (0 if cfg.mode == 'generate' else 1)}, or --backend hf"
+    )
+
+
 def save_tokenizer(out: Path, tokenizer) -> None:
     """Keep the teacher's tokenizer in ``out/tokenizer`` so stage two can name the first token
     a student tokenizer maps differently, on a machine that has no copy of the teacher."""
@@ -145,10 +207,14 @@ def save_tokenizer(out: Path, tokenizer) -> None:
     tmp = Path(tempfile.mkdtemp(prefix=f".{TOKENIZER_DIR}.tmp-", dir=out))
     try:
         tokenizer.save_pretrained(tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it 0700: stage two may run as another user
         os.replace(tmp, target)
-    except OSError:
+    except OSError as exc:
         if not target.exists():
-            raise
+            raise KdcacheError(f"{target}: cannot save the teacher tokenizer ({exc.strerror or exc}); "
+                               "free space or fix permissions and rerun the same command") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -278,12 +344,22 @@ def generate_teacher_cache(cfg: GenerateConfig) -> dict | None:
         hf_logging.disable_progress_bar()
     out = Path(cfg.output)
     teacher = resolve_teacher(cfg.teacher)
-    tokenizer = AutoTokenizer.from_pretrained(str(teacher.path))
-    dataset = open_dataset(cfg.dataset, fmt=cfg.data_format)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(teacher.path))
+    except Exception as exc:  # noqa: BLE001 - missing or broken tokenizer files fail in many ways
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        raise KdcacheError(f"{cfg.teacher}: cannot load the teacher's tokenizer ({first}); the model directory needs "
+                           "its tokenizer files") from None
+    if cfg.top_k > len(tokenizer):
+        raise KdcacheError(f"--top-k {cfg.top_k} exceeds the teacher's vocabulary ({len(tokenizer)} tokens)")
+    if (error := _context_error(cfg, teacher.path)) is not None:
+        raise error
+    dataset = open_dataset(cfg.dataset, fmt=cfg.data_format, split=cfg.split)
     dataset_info = dataset.describe() | {"fingerprint": dataset.fingerprint()}
     backend_name = cfg.backend  # "auto" is resolved by make_backend (vLLM, else transformers)
     teacher_info = teacher_description(teacher, dtype=cfg.dtype, backend=backend_name)
-    teacher_info["model"] = cfg.teacher
+    # A local path is recorded resolved, so `dir` and `/abs/dir` are the same teacher.
+    teacher_info["model"] = str(Path(cfg.teacher).resolve()) if Path(cfg.teacher).exists() else cfg.teacher
     if cfg.quantization:
         teacher_info["quantization"] = cfg.quantization
     settings = _content_settings(cfg, teacher_info, tokenizer_fingerprint(tokenizer), dataset_info)
@@ -300,8 +376,9 @@ def generate_teacher_cache(cfg: GenerateConfig) -> dict | None:
     todo_rows = sum(min(cfg.shard_size, total_rows - i * cfg.shard_size) for i in todo)
 
     backend = None
-    scoring = ScoringSettings(top_k=cfg.top_k, num_samples=cfg.samples if cfg.sampling == "random" else 0, seed=cfg.seed)
-    generation = GenerationSettings(cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.seed)
+    scoring = ScoringSettings(top_k=cfg.top_k, num_samples=cfg.samples if cfg.sampling != "none" else 0, seed=cfg.seed,
+                              sample_tail=cfg.sampling == "tail")
+    generation = GenerationSettings(cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.seed, max_length=cfg.max_length)
     progress = _Progress(todo_rows, cfg.progress)
     try:
         for index, rows in _shards_of_rows(dataset.rows(), cfg.shard_size):
@@ -320,6 +397,7 @@ def generate_teacher_cache(cfg: GenerateConfig) -> dict | None:
                 backend = make_backend(backend_name, teacher, dtype=cfg.dtype, **_engine_options(cfg))
                 teacher_info["dtype_loaded"] = getattr(backend, "dtype", cfg.dtype)
                 teacher_info["backend_used"] = backend.name
+                claim_scorer(out, {k: str(teacher_info[k]) for k in ("backend_used", "dtype_loaded")})
             if cfg.mode == "generate":
                 stream = backend.generate(examples, scoring, generation)
             else:
@@ -355,7 +433,8 @@ def _engine_options(cfg: GenerateConfig) -> dict:
         "gpu_memory_utilization": cfg.gpu_memory_utilization,
         "max_num_batched_tokens": cfg.max_num_batched_tokens,
         # vLLM counts the one token a scoring request must "generate" against the context length.
-        "max_model_len": cfg.max_model_len or cfg.max_length + (cfg.max_new_tokens if cfg.mode == "generate" else 1),
+        # In generate mode --max-length bounds prompt + response.
+        "max_model_len": cfg.max_model_len or cfg.max_length + (0 if cfg.mode == "generate" else 1),
         "enforce_eager": cfg.enforce_eager,
         "seed": cfg.seed,
     }

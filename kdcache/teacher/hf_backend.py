@@ -132,7 +132,7 @@ class HFBackend(TeacherBackend):
         for ex in examples:
             sampling = gen.temperature > 0
             config = GenerationConfig(
-                max_new_tokens=gen.max_new_tokens,
+                max_new_tokens=max(1, gen.budget(ex.num_tokens)),
                 do_sample=sampling,
                 temperature=gen.temperature if sampling else None,
                 top_p=gen.top_p if sampling else None,
@@ -223,7 +223,8 @@ class HFBackend(TeacherBackend):
                 top_ids.append(indices.cpu())
                 top_lps.append(values.cpu())
             if settings.num_samples:
-                samples.append(draw_counts(rng, logp.cpu().numpy(), settings.num_samples))
+                exclude = indices.cpu().numpy() if settings.sample_tail else None
+                samples.append(draw_counts(rng, logp.cpu().numpy(), settings.num_samples, exclude))
         return {"tgt": tgt, "ids": top_ids, "lps": top_lps, "samples": samples}
 
     def _logits(self, hidden: Any) -> Any:

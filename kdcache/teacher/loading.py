@@ -108,7 +108,8 @@ def _resolve_gguf(path: Path, cache_dir: str | Path | None) -> ResolvedTeacher:
     try:
         import gguf
 
-        gguf.GGUFReader(str(path))  # header and tensor table: catches truncation early
+        reader = gguf.GGUFReader(str(path))  # header and tensor table: catches truncation early
+        file_type = _gguf_file_type(reader)
     except KdcacheError:
         raise
     except Exception as exc:  # the reader raises ValueError, IndexError, struct errors...
@@ -119,8 +120,21 @@ def _resolve_gguf(path: Path, cache_dir: str | Path | None) -> ResolvedTeacher:
     target = convert_gguf_to_hf(path, cache_dir)
     return ResolvedTeacher(
         str(path), target, "gguf", gguf_sha256=file_sha256(path), quantization=None,
-        extra={"gguf_file": str(path.resolve())},
+        extra={"gguf_file": str(path.resolve()), "gguf_file_type": file_type},
     )
+
+
+def _gguf_file_type(reader) -> str | None:
+    """The GGUF's weight type as named by llama.cpp (e.g. ``Q4_1``), or None if unrecorded."""
+    import gguf
+
+    field = reader.fields.get("general.file_type")
+    if field is None:
+        return None
+    try:
+        return gguf.LlamaFileType(int(field.parts[field.data[0]][0])).name.removeprefix("MOSTLY_")
+    except (ValueError, IndexError):
+        return None
 
 
 def _resolve_hub(repo_id: str, revision: str | None) -> ResolvedTeacher:
@@ -197,6 +211,9 @@ def teacher_description(teacher: ResolvedTeacher | str | Path, dtype: str, backe
         "architecture": (config.get("architectures") or [None])[0],
         "model_vocab_size": config.get("vocab_size", text_config.get("vocab_size")),
     }
+    if resolved.source == "gguf":
+        # The GGUF is dequantized for scoring; record what its weights were quantized to.
+        desc["quantization"] = f"gguf:{resolved.extra.get('gguf_file_type') or 'unknown'}"
     if backend is not None:
         desc["backend"] = backend
     return desc
@@ -259,9 +276,12 @@ def make_backend(
                     raise
                 logger.warning("using the transformers backend: %s", exc)
             except Exception as exc:  # noqa: BLE001 - engine start fails in many ways
+                first = (str(exc).strip().splitlines() or [""])[0][:300]
                 if name == "vllm":
-                    raise
-                first = (str(exc).splitlines() or [""])[0][:200]
+                    raise KdcacheError(
+                        f"{teacher.spec}: vLLM could not load the teacher ({type(exc).__name__}: {first}); check "
+                        "--quantization, --dtype, --max-model-len and --gpu-memory-utilization, or use --backend hf"
+                    ) from None
                 logger.warning("vLLM could not load the teacher (%s: %s); using the transformers backend",
                                type(exc).__name__, first)
     from kdcache.teacher.hf_backend import HFBackend

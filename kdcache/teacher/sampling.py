@@ -20,6 +20,8 @@ def validate_request(examples: Sequence[TokenizedExample], settings: ScoringSett
     """Raise a one-line ``KdcacheError`` for settings or token ids a teacher cannot score."""
     if settings.top_k < 0 or settings.num_samples < 0:
         raise KdcacheError("top_k and num_samples must be >= 0")
+    if settings.sample_tail and settings.top_k == 0:
+        raise KdcacheError("sampling from the tail needs top_k >= 1 (the tail is what lies outside the top-k)")
     if settings.top_k > vocab_size:
         raise KdcacheError(f"top_k {settings.top_k} exceeds the tokenizer's vocabulary ({vocab_size})")
     for ex in examples:
@@ -64,7 +66,7 @@ def select_real_topk(
 
 
 def draw_counts(
-    rng: np.random.Generator, logprobs: np.ndarray, num_samples: int
+    rng: np.random.Generator, logprobs: np.ndarray, num_samples: int, exclude: np.ndarray | None = None
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Draw ``num_samples`` tokens with replacement from each row's distribution.
 
@@ -77,23 +79,30 @@ def draw_counts(
         logprobs: float ``[R, V]`` log-probs over the real vocabulary (any normalization:
             rows are renormalized in float64; ``-inf`` entries are never drawn).
         num_samples: draws per row, ``N >= 1``.
+        exclude: optional int ``[R, k]`` ids never drawn (``--sampling tail``: the row's
+            top-k), i.e. draws come from the distribution restricted to the other ids. A row
+            with no mass left draws nothing.
 
     Returns:
         ``(offsets int32 [R + 1], ids int32 [M], counts int32 [M])``: row ``r`` owns
-        ``ids[offsets[r]:offsets[r+1]]``, unique and ascending, whose counts sum to ``N``.
+        ``ids[offsets[r]:offsets[r+1]]``, unique and ascending, whose counts sum to ``N``
+        (0 for a row with no mass).
     """
     rows, vocab = logprobs.shape
     uniforms = rng.random((rows, num_samples))
-    lp = np.asarray(logprobs, dtype=np.float64)
-    probs = np.exp(lp - lp.max(axis=1, keepdims=True))
+    lp = np.array(logprobs, dtype=np.float64)  # a copy: excluded ids are overwritten
+    if exclude is not None and exclude.size:
+        np.put_along_axis(lp, np.asarray(exclude, dtype=np.int64), -np.inf, axis=1)
+    top = lp.max(axis=1, keepdims=True) if vocab else np.full((rows, 1), -np.inf)
+    has_mass = np.isfinite(top[:, 0])
+    probs = np.exp(lp - np.where(has_mass[:, None], top, 0.0))
     cdf = np.cumsum(probs, axis=1)
-    cdf /= cdf[:, -1:]  # last entry becomes exactly 1.0, and uniforms are < 1
-    draws = np.empty((rows, num_samples), dtype=np.int64)
-    for r in range(rows):
+    cdf[has_mass] /= cdf[has_mass, -1:]  # last entry becomes exactly 1.0, and uniforms are < 1
+    draws = np.zeros((rows, num_samples), dtype=np.int64)
+    for r in np.flatnonzero(has_mass):
         # side="right" skips zero-probability ids, whose CDF step is empty.
-        draws[r] = np.searchsorted(cdf[r], uniforms[r], side="right")
-    np.minimum(draws, vocab - 1, out=draws)
-    keys = (np.arange(rows, dtype=np.int64)[:, None] * vocab + draws).ravel()
+        draws[r] = np.minimum(np.searchsorted(cdf[r], uniforms[r], side="right"), vocab - 1)
+    keys = (np.arange(rows, dtype=np.int64)[:, None] * vocab + draws)[has_mass].ravel()
     unique, counts = np.unique(keys, return_counts=True)
     owner = unique // vocab
     offsets = np.searchsorted(owner, np.arange(rows + 1), side="left").astype(np.int32)

@@ -222,7 +222,7 @@ class VLLMBackend(TeacherBackend):
                 SamplingParams(
                     temperature=gen.temperature,
                     top_p=gen.top_p,
-                    max_tokens=min(gen.max_new_tokens, self.max_model_len - ex.num_tokens),
+                    max_tokens=max(1, min(gen.budget(ex.num_tokens), self.max_model_len - ex.num_tokens)),
                     seed=gen.seed + ex.seq_id,
                     logprobs=requested,
                     flat_logprobs=True,
@@ -354,7 +354,8 @@ class VLLMBackend(TeacherBackend):
         dense = np.full((len(rows), self.model_vocab_rows), -np.inf, dtype=np.float32)
         np.put_along_axis(dense, ids[rows, 1:].astype(np.int64), lps[rows, 1:], axis=1)
         offsets, sample_ids, counts = draw_counts(
-            sequence_rng(settings.seed, ex.seq_id), dense[:, : self.vocab_size], settings.num_samples
+            sequence_rng(settings.seed, ex.seq_id), dense[:, : self.vocab_size], settings.num_samples,
+            scores.topk_ids if settings.sample_tail else None,
         )
         scores.sample_offsets, scores.sample_ids, scores.sample_counts = offsets, sample_ids, counts
         return scores
