@@ -518,9 +518,9 @@ def test_option_errors(student_dir, train_cache, sample_cache, tmp_path):
         train_student(config(student_dir, train_cache, tmp_path / "rs", loss="rs_kd"))
     with pytest.raises(KdcacheError, match="jsd_beta|beta must be"):
         train_student(config(student_dir, train_cache, tmp_path / "b", loss="jsd", jsd_beta=2.0))
-    with pytest.raises(KdcacheError, match="sequence needs .* tokens, more than --micro-batch-tokens 8"):
+    with pytest.raises(KdcacheError, match="holds a sequence of .* tokens, more than --micro-batch-tokens 8"):
         train_student(config(student_dir, train_cache, tmp_path / "mb", micro_batch_tokens=8, max_steps=1))
-    assert not (tmp_path / "q").exists() and not (tmp_path / "rs").exists()
+    assert not (tmp_path / "q").exists() and not (tmp_path / "rs").exists() and not (tmp_path / "mb").exists()
 
 
 def test_cli_train_student_with_config(student_dir, train_cache, tmp_path):

@@ -29,6 +29,9 @@ _SHARD = {
         "topk_entries": {"type": "integer", "minimum": 0},
         "sample_entries": {"type": "integer", "minimum": 0},
         "topk_mass_sum": {"type": "number"},
+        "max_input_tokens": {"type": "integer", "minimum": 0,
+                             "description": "longest model input (tokens up to the last supervised position); "
+                                            "absent or 0 in caches of kdcache <= 0.2"},
         "bytes": {"type": "integer", "minimum": 0},
         "sha256": {"type": "string", "pattern": "^[0-9a-f]{64}$"},
         "skipped": {"type": "array", "items": {"type": "object", "required": ["seq_id", "source", "reason"]}},

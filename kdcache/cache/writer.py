@@ -44,6 +44,9 @@ class ShardRecord:
     sha256: str
     skipped: list[dict] = field(default_factory=list)
     topk_mass_sum: float = 0.0  # sum over positions of the top-k probability mass
+    # Longest model input of the shard (tokens up to its last supervised position): stage two
+    # checks it against --micro-batch-tokens before training. 0 in shards of kdcache <= 0.2.
+    max_input_tokens: int = 0
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -238,6 +241,7 @@ def build_shard_table(results: Sequence[TeacherScores], top_k: int) -> tuple[pa.
         "topk_entries": int(targets_off[-1]) * top_k if has_topk else 0,
         "sample_entries": n_sample_entries,
         "topk_mass_sum": mass_sum,
+        "max_input_tokens": max((int(r.target_positions[-1]) for r in results if r.num_targets), default=0),
     }
     return table, meta, stats
 

@@ -320,6 +320,18 @@ def _best_metric(cfg: TrainConfig, loss_config: KDLossConfig, eval_reader: Cache
     )
 
 
+def check_micro_batch_fits(reader: CacheReader, micro_batch_tokens: int) -> None:
+    """Refuse up front a --micro-batch-tokens that a cached sequence cannot fit in (caches of
+    kdcache >= 0.3 record each shard's longest input), instead of failing when it is reached."""
+    longest = max(reader.shards, key=lambda s: s.get("max_input_tokens", 0), default=None)
+    if longest is not None and longest.get("max_input_tokens", 0) > micro_batch_tokens:
+        raise KdcacheError(
+            f"{reader.shard_path(longest)}: holds a sequence of {longest['max_input_tokens']} tokens, more than "
+            f"--micro-batch-tokens {micro_batch_tokens}; raise --micro-batch-tokens to at least "
+            f"{max(s.get('max_input_tokens', 0) for s in reader.shards)} (with --gradient-checkpointing if memory is short)"
+        )
+
+
 def _warn(messages: list[str]) -> None:
     for message in messages:
         logger.warning("warning: %s", message)
@@ -347,6 +359,9 @@ def train_student(cfg: TrainConfig, *, on_step: Callable[[int, dict], None] | No
     if eval_reader is not None:
         check_same_tokenizer(reader.manifest, eval_reader.manifest, cfg.eval_cache)
         best_metric = _best_metric(cfg, loss_config, eval_reader)
+    for cache_reader in (reader, eval_reader):
+        if cache_reader is not None:
+            check_micro_batch_fits(cache_reader, cfg.micro_batch_tokens)
     tokenizer = load_tokenizer(cfg.student)
     _warn(check_tokenizer(tokenizer, reader.manifest, cfg.cache, cfg.student))
 
