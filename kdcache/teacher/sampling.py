@@ -95,9 +95,14 @@ def draw_counts(
         np.put_along_axis(lp, np.asarray(exclude, dtype=np.int64), -np.inf, axis=1)
     top = lp.max(axis=1, keepdims=True) if vocab else np.full((rows, 1), -np.inf)
     has_mass = np.isfinite(top[:, 0])
-    probs = np.exp(lp - np.where(has_mass[:, None], top, 0.0))
-    cdf = np.cumsum(probs, axis=1)
-    cdf[has_mass] /= cdf[has_mass, -1:]  # last entry becomes exactly 1.0, and uniforms are < 1
+    top[~has_mass] = 0.0
+    # In place over the [R, V] float64 buffer: exp, cumsum, normalize (R x V can be large).
+    np.subtract(lp, top, out=lp)
+    np.exp(lp, out=lp)
+    cdf = np.cumsum(lp, axis=1, out=lp)
+    last = cdf[:, -1:].copy()
+    last[~has_mass] = 1.0
+    cdf /= last  # last entry becomes exactly 1.0, and uniforms are < 1
     draws = np.zeros((rows, num_samples), dtype=np.int64)
     for r in np.flatnonzero(has_mass):
         # side="right" skips zero-probability ids, whose CDF step is empty.
