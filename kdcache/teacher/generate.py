@@ -174,8 +174,12 @@ def claim_scorer(out: Path, scorer: dict) -> None:
 def _context_error(cfg: GenerateConfig, teacher_path: Path) -> KdcacheError | None:
     """vLLM scores a sequence of ``L`` tokens as a request of ``L + 1`` (it must also emit one
     token): refuse up front a ``--max-length`` that the teacher's context cannot hold."""
+    import importlib.util
+
     if cfg.backend == "hf" or cfg.max_model_len is not None:
         return None
+    if cfg.backend == "auto" and importlib.util.find_spec("vllm") is None:
+        return None  # auto will use transformers, which needs only L positions
     try:
         from transformers import AutoConfig
 
