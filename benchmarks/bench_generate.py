@@ -16,6 +16,8 @@ mode alike; the median round is reported. Prints one JSON document (also written
     python benchmarks/bench_generate.py --model DIR_OR_GGUF --texts 200 --max-length 1024
     python benchmarks/bench_generate.py --samples 50     # also (d) ``random``: --sampling random
                                                          # --samples 50 --top-k 0 through the backend
+    python benchmarks/bench_generate.py --tail 4:8       # also (e) ``tail``: --top-k 4 --sampling tail
+                                                         # --samples 8 through the backend
 """
 
 from __future__ import annotations
@@ -154,6 +156,8 @@ def main() -> None:
     parser.add_argument("--max-num-batched-tokens", type=int, default=None)
     parser.add_argument("--samples", type=int, default=0,
                         help="also time random sampling (N draws per token, top-k 0) through the backend")
+    parser.add_argument("--tail", default=None, metavar="K:N",
+                        help="also time tail sampling (top-K + N draws per token from outside it) through the backend")
     parser.add_argument("--out", default=None, help="also write the JSON here")
     args = parser.parse_args()
 
@@ -224,9 +228,18 @@ def main() -> None:
             assert len(results) == len(examples)
             return {"seconds": time.perf_counter() - t}
 
+        def tail_sampling() -> dict:
+            tail_k, tail_n = (int(x) for x in args.tail.split(":"))
+            t = time.perf_counter()
+            results = list(backend.score(examples, ScoringSettings(top_k=tail_k, num_samples=tail_n, sample_tail=True)))
+            assert len(results) == len(examples)
+            return {"seconds": time.perf_counter() - t}
+
         modes = {"engine": engine, "backend": end_to_end, "dict": dict_path}
         if args.samples:
             modes["random"] = random_sampling
+        if args.tail:
+            modes["tail"] = tail_sampling
         runs: dict[str, list[dict]] = {name: [] for name in modes}
         for _ in range(args.rounds):
             for name, fn in modes.items():
@@ -254,6 +267,7 @@ def main() -> None:
                 "backend_over_dict": round(tps["backend"] / tps["dict"], 3),
                 "backend_over_dict_engine": round(tps["backend"] / tps["dict_engine"], 3),
                 **({"topk_over_random": round(tps["backend"] / tps["random"], 3)} if args.samples else {}),
+                **({"topk_over_tail": round(tps["backend"] / tps["tail"], 3)} if args.tail else {}),
             },
             "goals": {"backend_over_engine": ">= 0.9", "backend_over_dict": ">= 5"},
             "host_path": host,
