@@ -215,6 +215,25 @@ def test_draw_counts_from_the_tail_only():
         np.testing.assert_array_equal(x, y)
 
 
+def test_draw_counts_torch_matches_numpy():
+    """The transformers backend draws on the model's device with torch: same uniforms, same
+    inverse-CDF rule, so the same draws as the numpy version (full and tail, rows without mass)."""
+    import torch
+
+    from kdcache.teacher.sampling import draw_counts_torch
+
+    rng = np.random.default_rng(4)
+    logprobs = torch.log_softmax(torch.from_numpy(rng.normal(size=(9, 300)) * 3), dim=1).float()
+    logprobs[8, 2:] = float("-inf")  # row 8: all mass on ids 0 and 1
+    exclude = torch.topk(logprobs, 2, dim=1).indices
+    for ex in (None, exclude):
+        want = draw_counts(sequence_rng(2, 5), logprobs.numpy(), 64, None if ex is None else ex.numpy())
+        got = draw_counts_torch(sequence_rng(2, 5), logprobs, 64, ex)
+        for x, y in zip(want, got):
+            np.testing.assert_array_equal(x, y)
+    assert got[0][-1] == got[0][-2]  # tail sampling: row 8 has no tail mass, no draws
+
+
 def test_validate_request_rejects_bad_input():
     from kdcache.teacher.sampling import validate_request
 

@@ -21,7 +21,7 @@ from kdcache.data.example import TokenizedExample
 from kdcache.errors import KdcacheError
 from kdcache.teacher.base import GenerationSettings, ScoringSettings, TeacherBackend
 from kdcache.teacher.loading import ResolvedTeacher, resolve_dtype, resolve_local, teacher_description
-from kdcache.teacher.sampling import concat_samples, draw_counts, sequence_rng, validate_request
+from kdcache.teacher.sampling import concat_samples, draw_counts_torch, sequence_rng, validate_request
 
 logger = logging.getLogger("kdcache")
 
@@ -223,8 +223,9 @@ class HFBackend(TeacherBackend):
                 top_ids.append(indices.cpu())
                 top_lps.append(values.cpu())
             if settings.num_samples:
-                exclude = indices.cpu().numpy() if settings.sample_tail else None
-                samples.append(draw_counts(rng, logp.cpu().numpy(), settings.num_samples, exclude))
+                # on the model's device: the [rows, V] float64 CDF never crosses to the host
+                exclude = indices if settings.sample_tail else None
+                samples.append(draw_counts_torch(rng, logp, settings.num_samples, exclude))
         return {"tgt": tgt, "ids": top_ids, "lps": top_lps, "samples": samples}
 
     def _logits(self, hidden: Any) -> Any:

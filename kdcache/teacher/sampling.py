@@ -114,6 +114,47 @@ def draw_counts(
     return offsets, (unique % vocab).astype(np.int32), counts.astype(np.int32)
 
 
+def draw_counts_torch(
+    rng: np.random.Generator, logprobs, num_samples: int, exclude=None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """:func:`draw_counts` on a torch tensor, computed where the tensor lives (the GPU for the
+    transformers backend): the ``[R, V]`` float64 CDF never crosses to the host.
+
+    Same uniforms from ``rng`` and the same inverse-CDF rule, so on the same log-probs the
+    draws match :func:`draw_counts` (up to float64 rounding in ``exp``/``cumsum``).
+
+    Args:
+        rng: the sequence's generator.
+        logprobs: float tensor ``[R, V]`` over the real vocabulary.
+        num_samples: draws per row, ``N >= 1``.
+        exclude: optional int64 tensor ``[R, k]`` of ids never drawn (``--sampling tail``).
+
+    Returns the same ``(offsets, ids, counts)`` numpy arrays as :func:`draw_counts`.
+    """
+    import torch
+
+    rows, vocab = logprobs.shape
+    uniforms = torch.from_numpy(rng.random((rows, num_samples))).to(logprobs.device)
+    lp = logprobs.to(torch.float64).clone()
+    if exclude is not None and exclude.numel():
+        lp.scatter_(1, exclude.to(lp.device, torch.long), float("-inf"))
+    top = lp.amax(dim=1, keepdim=True) if vocab else torch.full((rows, 1), float("-inf"), dtype=lp.dtype, device=lp.device)
+    has_mass = torch.isfinite(top[:, 0])
+    top[~has_mass] = 0.0
+    lp.sub_(top).exp_()
+    cdf = torch.cumsum(lp, dim=1, out=lp)
+    last = cdf[:, -1:].clone()
+    last[~has_mass] = 1.0
+    cdf.div_(last)
+    draws = torch.searchsorted(cdf, uniforms, right=True).clamp_(max=vocab - 1)
+    keys = (torch.arange(rows, device=lp.device)[:, None] * vocab + draws)[has_mass].reshape(-1)
+    unique, counts = torch.unique(keys, sorted=True, return_counts=True)
+    unique, counts = unique.cpu().numpy(), counts.cpu().numpy()
+    owner = unique // vocab
+    offsets = np.searchsorted(owner, np.arange(rows + 1), side="left").astype(np.int32)
+    return offsets, (unique % vocab).astype(np.int32), counts.astype(np.int32)
+
+
 def concat_samples(parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]]) -> tuple[np.ndarray, ...]:
     """Join consecutive ``draw_counts`` results of one sequence into one ``(offsets, ids, counts)``."""
     if len(parts) == 1:
