@@ -48,7 +48,7 @@ def format_summary(summary: dict) -> str:
     ]
     if summary["sampling"]["num_samples"]:
         lines.append(
-            f"{'tail' if summary['sampling']['mode'] == 'tail' else 'random'} sampling  N={summary['sampling']['num_samples']}, "
+            f"{('tail' if summary['sampling']['mode'] == 'tail' else 'random') + ' sampling':<17}N={summary['sampling']['num_samples']}, "
             f"{summary['mean_unique_samples_per_token']:.1f} unique ids per token"
         )
     lines += [
