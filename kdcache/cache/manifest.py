@@ -146,6 +146,12 @@ def load_manifest(cache_dir: str | Path) -> dict:
     return manifest
 
 
+def sampling_mode(manifest: dict) -> str:
+    """"none", "random" (draws from the full distribution) or "tail" (from outside the top-k)."""
+    sampling = manifest["sampling"]
+    return sampling["mode"] if int(sampling["num_samples"]) > 0 else "none"
+
+
 def write_json_atomic(path: Path, payload: dict) -> None:
     """Write JSON to a temp file, fsync, rename; on failure (e.g. disk full) nothing is left."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")

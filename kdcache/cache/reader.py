@@ -11,10 +11,10 @@ import pyarrow.parquet as pq
 import zstandard
 
 from kdcache.cache import format as fmt
-from kdcache.cache.manifest import load_manifest
+from kdcache.cache.manifest import load_manifest, sampling_mode
 from kdcache.cache.quantize import dequantize_logprobs
 from kdcache.cache.records import TeacherScores
-from kdcache.errors import KdcacheError
+from kdcache.errors import KdcacheError, first_line
 
 
 def decode_id_table(blob: bytes) -> np.ndarray:
@@ -40,13 +40,8 @@ def _footer_id_table(path: Path, meta: dict[bytes, bytes]) -> np.ndarray:
     try:
         return decode_id_table(meta[fmt.META_ID_TABLE])
     except Exception as exc:  # KeyError, base64/zstd errors, bad shapes: all mean a damaged footer
-        raise KdcacheError(f"{path}: damaged shard footer (id table unreadable: {_first_line(exc)}); copy the shard "
+        raise KdcacheError(f"{path}: damaged shard footer (id table unreadable: {first_line(exc)}); copy the shard "
                            "again or rerun generate-teacher") from None
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip() or type(exc).__name__
-    return text.splitlines()[0]
 
 
 #: (path, size, mtime_ns) of shard files whose sha256 matched the manifest in this process.
@@ -172,8 +167,7 @@ class CacheReader:
         self.manifest = load_manifest(self.path)
         self.top_k = int(self.manifest["top_k"])
         self.num_samples = int(self.manifest["sampling"]["num_samples"])
-        #: "none", "random" (draws from the full distribution) or "tail" (from outside the top-k).
-        self.sampling_mode = self.manifest["sampling"]["mode"] if self.num_samples > 0 else "none"
+        self.sampling_mode = sampling_mode(self.manifest)
 
     @property
     def shards(self) -> list[dict]:
@@ -195,7 +189,7 @@ class CacheReader:
         try:
             pf = pq.ParquetFile(path)
         except Exception as exc:  # pyarrow raises ArrowInvalid/OSError for a damaged footer
-            raise KdcacheError(f"{path}: unreadable Parquet ({_first_line(exc)}); copy the shard again or rerun "
+            raise KdcacheError(f"{path}: unreadable Parquet ({first_line(exc)}); copy the shard again or rerun "
                                "generate-teacher") from None
         meta = pf.schema_arrow.metadata
         _check_shard_meta(path, meta)

@@ -178,7 +178,7 @@ def iter_parquet(path: str | os.PathLike, batch_size: int = _PARQUET_BATCH) -> I
     try:
         pfile = pq.ParquetFile(path)
     except (pa.ArrowException, OSError) as exc:
-        raise KdcacheError(f"{path}: not a readable Parquet file ({_first_line(exc)})") from None
+        raise KdcacheError(f"{path}: not a readable Parquet file ({first_line(exc)})") from None
     row_no = 0
     try:
         for batch in pfile.iter_batches(batch_size=batch_size):
@@ -186,7 +186,7 @@ def iter_parquet(path: str | os.PathLike, batch_size: int = _PARQUET_BATCH) -> I
                 row_no += 1
                 yield f"{path}:{row_no}", row
     except (pa.ArrowException, OSError) as exc:
-        raise KdcacheError(f"{path}: corrupt Parquet data after row {row_no} ({_first_line(exc)})") from None
+        raise KdcacheError(f"{path}: corrupt Parquet data after row {row_no} ({first_line(exc)})") from None
     finally:
         pfile.close()
 
@@ -203,13 +203,6 @@ def iter_file(path: str | os.PathLike) -> Iterator[SourceRow]:
     raise KdcacheError(f"{path}: unsupported file type (supported: {_SUPPORTED_TEXT})")
 
 
-def _first_line(exc: BaseException) -> str:
-    """``"Type: first line of the message"``, printable and at most ~200 characters."""
-    text = str(exc).strip().splitlines()
-    if not text:
-        return type(exc).__name__
-    line = "".join(c if c.isprintable() else repr(c)[1:-1] for c in text[0][:200])
-    return f"{type(exc).__name__}: {line}"
 
 
 # ----------------------------------------------------------------------------- datasets
@@ -327,7 +320,7 @@ class DiskDataset(InputDataset):
         try:
             loaded = datasets.load_from_disk(str(path))
         except Exception as exc:
-            raise KdcacheError(f"{path}: cannot load saved dataset ({_first_line(exc)})") from None
+            raise KdcacheError(f"{path}: cannot load saved dataset ({first_line(exc)})") from None
         self.root = path
         self.split = None
         if isinstance(loaded, datasets.DatasetDict):
@@ -377,7 +370,7 @@ class HubDataset(InputDataset):
         except Exception as exc:
             raise KdcacheError(
                 f"{spec}: not a local file or directory, and loading it as a Hugging Face hub dataset "
-                f"failed ({_first_line(exc)})"
+                f"failed ({first_line(exc)})"
             ) from None
 
     def _source_rows(self) -> Iterator[SourceRow]:
@@ -387,7 +380,7 @@ class HubDataset(InputDataset):
         except KdcacheError:
             raise
         except Exception as exc:
-            raise KdcacheError(f"{self.name}: error while streaming the hub dataset ({_first_line(exc)})") from None
+            raise KdcacheError(f"{self.name}: error while streaming the hub dataset ({first_line(exc)})") from None
 
     def fingerprint(self) -> str:
         """sha256 over the dataset name, split, config, and hub metadata (splits, checksums)."""

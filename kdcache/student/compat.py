@@ -21,6 +21,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from kdcache.cache.manifest import sampling_mode
 from kdcache.errors import KdcacheError
 
 logger = logging.getLogger("kdcache")
@@ -152,21 +153,16 @@ def resolve_loss(loss: str, manifest: dict) -> str:
     returned unchanged."""
     if loss != "auto":
         return loss
-    if _sampling_mode(manifest) == "tail":
+    if sampling_mode(manifest) == "tail":
         return "tail_rs"
     samples_only = int(manifest["top_k"]) <= 0 and int(manifest["sampling"]["num_samples"]) > 0
     return "rs_kd" if samples_only else "tail"
 
 
-def _sampling_mode(manifest: dict) -> str:
-    sampling = manifest["sampling"]
-    return sampling["mode"] if int(sampling["num_samples"]) > 0 else "none"
-
-
 def check_loss_needs(loss: str, manifest: dict, cache_dir: str | Path) -> None:
     """The loss must find what it needs in the cache: top-k, full-distribution samples for
     ``rs_kd``, top-k plus tail samples for ``tail_rs``."""
-    mode = _sampling_mode(manifest)
+    mode = sampling_mode(manifest)
     if loss == "rs_kd" and mode != "random":
         got = "tokens drawn from outside the top-k only (--sampling tail; use --loss tail_rs)" if mode == "tail" else "none"
         raise KdcacheError(

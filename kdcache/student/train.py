@@ -328,7 +328,7 @@ def check_micro_batch_fits(reader: CacheReader, micro_batch_tokens: int) -> None
         raise KdcacheError(
             f"{reader.shard_path(longest)}: holds a sequence of {longest['max_input_tokens']} tokens, more than "
             f"--micro-batch-tokens {micro_batch_tokens}; raise --micro-batch-tokens to at least "
-            f"{max(s.get('max_input_tokens', 0) for s in reader.shards)} (with --gradient-checkpointing if memory is short)"
+            f"{longest['max_input_tokens']} (with --gradient-checkpointing if memory is short)"
         )
 
 

@@ -26,7 +26,7 @@ from kdcache.cache.manifest import validate_manifest, write_json_atomic
 from kdcache.cache.quantize import MAX_ABS_ERROR_COARSE, MAX_ABS_ERROR_FINE
 from kdcache.cache.writer import ShardRecord, load_shard_record, write_shard
 from kdcache.config import changed_keys
-from kdcache.errors import KdcacheError
+from kdcache.errors import KdcacheError, first_line
 from kdcache.teacher.base import GenerationSettings, ScoringSettings
 
 WORKERS_DIR = "workers"
@@ -118,6 +118,19 @@ def _generation(cfg: GenerateConfig) -> dict | None:
     return {"max_new_tokens": cfg.max_new_tokens, "temperature": cfg.temperature, "top_p": cfg.top_p, "seed": cfg.seed}
 
 
+def _create_once(path: Path, payload: dict) -> None:
+    """Write ``path`` as JSON unless it exists: link a complete temp file into place, an atomic
+    create-if-absent, so concurrent workers race safely and the first one wins."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(payload, indent=2) + "\n")
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        pass
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def claim_directory(out: Path, settings: dict) -> None:
     """Record the run's settings in ``run.json``, or refuse a directory made with other settings."""
     out.mkdir(parents=True, exist_ok=True)
@@ -128,14 +141,7 @@ def claim_directory(out: Path, settings: dict) -> None:
         ours = {fmt.RUN_NAME, TOKENIZER_DIR, SCORER_NAME}
         if any(p for p in out.iterdir() if not p.name.startswith(".") and p.name not in ours):
             raise KdcacheError(f"{out}: directory is not empty and holds no kdcache run; choose an empty --output")
-        tmp = out / f".{fmt.RUN_NAME}.tmp-{os.getpid()}"
-        tmp.write_text(json.dumps(payload, indent=2) + "\n")
-        try:
-            os.link(tmp, run_path)  # atomic create-if-absent: concurrent workers race safely
-        except FileExistsError:
-            pass
-        finally:
-            tmp.unlink(missing_ok=True)
+        _create_once(run_path, payload)
     existing = json.loads(run_path.read_text())
     if existing.get("settings_hash") != payload["settings_hash"]:
         diffs = changed_keys(existing.get("settings", {}), settings)
@@ -154,14 +160,7 @@ def claim_scorer(out: Path, scorer: dict) -> None:
     (e.g. ``--backend auto`` fell back to transformers on one machine) stops before writing."""
     path = out / SCORER_NAME
     if not path.exists():
-        tmp = out / f".{SCORER_NAME}.tmp-{os.getpid()}"
-        tmp.write_text(json.dumps(scorer, indent=2) + "\n")
-        try:
-            os.link(tmp, path)  # atomic create-if-absent, as for run.json
-        except FileExistsError:
-            pass
-        finally:
-            tmp.unlink(missing_ok=True)
+        _create_once(path, scorer)
     existing = json.loads(path.read_text())
     if existing != scorer:
         raise KdcacheError(
@@ -180,15 +179,15 @@ def _context_error(cfg: GenerateConfig, teacher_path: Path) -> KdcacheError | No
         return None
     if cfg.backend == "auto" and importlib.util.find_spec("vllm") is None:
         return None  # auto will use transformers, which needs only L positions
-    try:
-        from transformers import AutoConfig
+    from kdcache.teacher.loading import read_config
 
-        config = AutoConfig.from_pretrained(str(teacher_path))
-    except Exception:  # noqa: BLE001 - the backend reports unloadable configs itself
-        return None
-    config = getattr(config, "text_config", None) or config
-    context = next((int(v) for name in ("max_position_embeddings", "n_positions", "max_seq_len")
-                    if isinstance(v := getattr(config, name, None), int)), None)
+    try:
+        config = read_config(teacher_path)
+    except KdcacheError:
+        return None  # the backend reports an unloadable config itself
+    config = config.get("text_config") or config
+    context = next((v for name in ("max_position_embeddings", "n_positions", "max_seq_len")
+                    if isinstance(v := config.get(name), int)), None)
     need = cfg.max_length + (0 if cfg.mode == "generate" else 1)
     if context is None or need <= context:
         return None
@@ -351,8 +350,7 @@ def generate_teacher_cache(cfg: GenerateConfig) -> dict | None:
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(teacher.path))
     except Exception as exc:  # noqa: BLE001 - missing or broken tokenizer files fail in many ways
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
-        raise KdcacheError(f"{cfg.teacher}: cannot load the teacher's tokenizer ({first}); the model directory needs "
+        raise KdcacheError(f"{cfg.teacher}: cannot load the teacher's tokenizer ({first_line(exc)}); the model directory needs "
                            "its tokenizer files") from None
     if cfg.top_k > len(tokenizer):
         raise KdcacheError(f"--top-k {cfg.top_k} exceeds the teacher's vocabulary ({len(tokenizer)} tokens)")

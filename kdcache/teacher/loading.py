@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kdcache.errors import KdcacheError
+from kdcache.errors import KdcacheError, first_line
 from kdcache.teacher.base import TeacherBackend
 
 logger = logging.getLogger("kdcache")
@@ -276,14 +276,12 @@ def make_backend(
                     raise
                 logger.warning("using the transformers backend: %s", exc)
             except Exception as exc:  # noqa: BLE001 - engine start fails in many ways
-                first = (str(exc).strip().splitlines() or [""])[0][:300]
                 if name == "vllm":
                     raise KdcacheError(
-                        f"{teacher.spec}: vLLM could not load the teacher ({type(exc).__name__}: {first}); check "
+                        f"{teacher.spec}: vLLM could not load the teacher ({first_line(exc)}); check "
                         "--quantization, --dtype, --max-model-len and --gpu-memory-utilization, or use --backend hf"
                     ) from None
-                logger.warning("vLLM could not load the teacher (%s: %s); using the transformers backend",
-                               type(exc).__name__, first)
+                logger.warning("vLLM could not load the teacher (%s); using the transformers backend", first_line(exc))
     from kdcache.teacher.hf_backend import HFBackend
 
     hf_options = {k: v for k, v in engine_options.items() if k not in VLLM_ONLY_OPTIONS}
