@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from kdcache.data.formats import detect_format_or_fail, normalize_format
-from kdcache.errors import BadRowError, KdcacheError
+from kdcache.errors import BadRowError, KdcacheError, first_line
 
 JSONL_SUFFIXES = (".jsonl",)
 ZST_SUFFIXES = (".jsonl.zst", ".jsonl.zstd")
