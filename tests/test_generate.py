@@ -131,6 +131,37 @@ def test_other_settings_and_foreign_directories_are_refused(tiny_llama, tmp_path
         generate_teacher_cache(_cfg(tiny_llama, data, tmp_path / "other"))
 
 
+def test_sampling_cache_records_its_draw_scheme(tiny_llama, tmp_path):
+    """--draws is part of what a cache holds: recorded in the manifest (systematic by default),
+    shown by inspect, and a rerun with the other scheme is refused; a manifest from before the
+    field existed reads as iid."""
+    from kdcache.cache.manifest import sampling_draws
+
+    data = _write_jsonl(tmp_path / "text.jsonl", [{"text": t} for t in CORPUS[:4]])
+    manifest = generate_teacher_cache(_cfg(tiny_llama, data, tmp_path / "c", sampling="random", samples=16))
+    assert manifest["sampling"] == {"mode": "random", "num_samples": 16, "seed": 0, "draws": "systematic"}
+    assert sampling_draws(manifest) == "systematic"
+    shown = _run_cli("inspect", str(tmp_path / "c"))
+    assert shown.returncode == 0 and "N=16 (systematic draws)" in shown.stdout
+    result = _run_cli("generate-teacher", "--teacher", str(tiny_llama), "--dataset", str(data),
+                      "--output", str(tmp_path / "c"), "--backend", "hf", "--top-k", "8", "--shard-size", "4",
+                      "--max-length", "64", "--dtype", "float32", "--sampling", "random", "--samples", "16",
+                      "--draws", "iid")
+    errors = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.returncode == 2 and len(errors) == 1 and "different settings (sampling differ" in errors[0]
+    legacy = {**manifest, "sampling": {"mode": "random", "num_samples": 16, "seed": 0}}
+    assert sampling_draws(legacy) == "iid"
+    iid = generate_teacher_cache(_cfg(tiny_llama, data, tmp_path / "iid", sampling="random", samples=16, draws="iid"))
+    assert sampling_draws(iid) == "iid"
+    assert _content(tmp_path / "iid") == _content(tmp_path / "c")  # the draws change, top-k does not
+    counts = {name: np.concatenate([q.sample_counts for q in CacheReader(tmp_path / name).iter_sequences()])
+              for name in ("c", "iid")}
+    # systematic: 16 draws spread evenly, so far fewer repeats of one id than independent draws
+    assert counts["c"].max() < counts["iid"].max() or counts["c"].var() < counts["iid"].var()
+    with pytest.raises(KdcacheError, match="--draws must be"):
+        _cfg(tiny_llama, data, tmp_path / "x", sampling="random", draws="sobol").check()
+
+
 def test_same_run_is_recognized_and_a_mixed_scorer_is_refused(tiny_llama, tmp_path, monkeypatch):
     """The teacher path given relative or absolute, and --backend auto or its resolution, are the
     same run; a worker whose teacher loaded with another backend or dtype stops before writing."""

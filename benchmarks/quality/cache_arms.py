@@ -31,20 +31,23 @@ SHARD_SIZE = 1024
 @dataclass(frozen=True)
 class CacheSpec:
     """What a cache stores: ``top_k`` log-probs (+ tail), and/or ``samples`` draws per token:
-    ``sampling`` "random" (full distribution) or "tail" (outside the top-k)."""
+    ``sampling`` "random" (full distribution) or "tail" (outside the top-k), made with
+    ``draws`` "iid" or "systematic" (``--draws``)."""
 
     top_k: int = 0
     samples: int = 0
     seed: int = 0
     sampling: str = "random"
+    draws: str = "iid"
 
     @property
     def name(self) -> str:
         if self.samples == 0:
             return f"top{self.top_k}"
+        scheme = "-sys" if self.draws == "systematic" else ""
         if self.sampling == "tail":
-            return f"top{self.top_k}-tail{self.samples}-s{self.seed}"
-        return f"rs{self.samples}-s{self.seed}"
+            return f"top{self.top_k}-tail{self.samples}{scheme}-s{self.seed}"
+        return f"rs{self.samples}{scheme}-s{self.seed}"
 
 
 @dataclass
@@ -102,6 +105,7 @@ def build_cache(
         top_k=spec.top_k,
         sampling=spec.sampling if spec.samples else "none",
         samples=spec.samples or 50,
+        draws=spec.draws,
         seed=spec.seed,
         max_length=max_length,
         shard_size=SHARD_SIZE,

@@ -84,20 +84,28 @@ def renorm_arm(k: int, seed: int) -> Arm:
                "(`--loss topk_renorm`, the DistillKit/Axolotl default)", seed, CacheSpec(top_k=k))
 
 
-def rs_arm(samples: int, seed: int) -> Arm:
+def _draws_label(draws: str) -> tuple[str, str]:
+    """(name suffix, flag text) of a draw scheme; iid arms keep their 0.3 names."""
+    return ("-sys", " --draws systematic") if draws == "systematic" else ("", " --draws iid")
+
+
+def rs_arm(samples: int, seed: int, draws: str = "systematic") -> Arm:
     from benchmarks.quality.cache_arms import CacheSpec
 
-    return Arm(f"rs-n{samples}", "rs_kd", f"cache of {samples} random teacher samples per token, "
-               "`--sampling random --samples {0} --top-k 0`, `--loss rs_kd`; drawn with the arm's seed".format(samples),
-               seed, CacheSpec(samples=samples, seed=seed))
+    suffix, flag = _draws_label(draws)
+    return Arm(f"rs-n{samples}{suffix}", "rs_kd", f"cache of {samples} {draws} teacher draws per token, "
+               f"`--sampling random --samples {samples}{flag} --top-k 0`, `--loss rs_kd`; drawn with the arm's seed",
+               seed, CacheSpec(samples=samples, seed=seed, draws=draws))
 
 
-def tailrs_arm(k: int, samples: int, seed: int) -> Arm:
+def tailrs_arm(k: int, samples: int, seed: int, draws: str = "systematic") -> Arm:
     from benchmarks.quality.cache_arms import CacheSpec
 
-    return Arm(f"tailrs-k{k}-n{samples}", "tail_rs", f"cache top-{k} + tail bucket + {samples} draws per token from "
-               f"outside the top-{k}, `--top-k {k} --sampling tail --samples {samples}`, `--loss tail_rs` (exact top-k, "
-               "unbiased tail); drawn with the arm's seed", seed, CacheSpec(top_k=k, samples=samples, seed=seed, sampling="tail"))
+    suffix, flag = _draws_label(draws)
+    return Arm(f"tailrs-k{k}-n{samples}{suffix}", "tail_rs", f"cache top-{k} + tail bucket + {samples} {draws} draws "
+               f"per token from outside the top-{k}, `--top-k {k} --sampling tail --samples {samples}{flag}`, "
+               "`--loss tail_rs` (exact top-k, unbiased tail); drawn with the arm's seed",
+               seed, CacheSpec(top_k=k, samples=samples, seed=seed, sampling="tail", draws=draws))
 
 
 def variant_arm(base: Arm, name: str, loss: str, description: str, ce_weight: float = 0.0) -> Arm:
@@ -393,9 +401,9 @@ class Benchmark:
         if "all" in wanted or "renorm" in wanted:
             modes.append(renorm_arm(args.renorm_k, seeds[0]))
         if "all" in wanted or "rs" in wanted:
-            modes.append(rs_arm(args.rs_samples, seeds[0]))
+            modes += [rs_arm(args.rs_samples, seeds[0], draws) for draws in args.draws]
         if "all" in wanted or "tailrs" in wanted:
-            modes += [tailrs_arm(*_k_n(spec), seeds[0]) for spec in args.tailrs]
+            modes += [tailrs_arm(*_k_n(spec), seeds[0], draws) for spec in args.tailrs for draws in args.draws]
         self.run_phase(modes)
         planned += modes
 
@@ -413,9 +421,9 @@ class Benchmark:
                                or (arm.loss == "tail_rs" and "tailrs" in args.seed_arms))
                 if wanted_seed:
                     if arm.loss == "rs_kd":
-                        extra.append(rs_arm(args.rs_samples, seed))
+                        extra.append(rs_arm(args.rs_samples, seed, arm.cache.draws))
                     elif arm.loss == "tail_rs":  # fresh draws for the seed, like rs
-                        extra.append(tailrs_arm(arm.cache.top_k, arm.cache.samples, seed))
+                        extra.append(tailrs_arm(arm.cache.top_k, arm.cache.samples, seed, arm.cache.draws))
                     else:
                         extra.append(replace(arm, seed=seed))
         if best_tail is not None:
@@ -507,6 +515,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--rs-samples", type=int, default=50)
     parser.add_argument("--tailrs", nargs="+", default=["4:8"], metavar="K:N",
                         help="tail_rs arms: top-K + N draws per token from outside the top-K (default: 4:8)")
+    parser.add_argument("--draws", nargs="+", choices=("systematic", "iid"), default=["systematic"],
+                        help="draw schemes of the rs and tailrs arms (iid arms keep the names rs-n<N>, tailrs-k<K>-n<N>; "
+                             "systematic ones end in -sys)")
     parser.add_argument("--ce-weight", type=float, default=0.5)
     parser.add_argument("--student-layers", type=int, default=10)
     parser.add_argument("--teacher-backend", choices=("auto", "vllm", "hf"), default="auto")

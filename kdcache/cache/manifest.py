@@ -86,6 +86,9 @@ def manifest_json_schema() -> dict:
                                             "restricted to the ids outside the position's top-k"},
                     "num_samples": {"type": "integer", "minimum": 0},
                     "seed": {"type": "integer"},
+                    "draws": {"enum": ["iid", "systematic"],
+                              "description": "iid: N independent draws; systematic: N evenly spaced points on the "
+                                             "CDF from one uniform offset (kdcache 0.4; absent means iid)"},
                 },
             },
             "logprobs": {
@@ -150,6 +153,12 @@ def sampling_mode(manifest: dict) -> str:
     """"none", "random" (draws from the full distribution) or "tail" (from outside the top-k)."""
     sampling = manifest["sampling"]
     return sampling["mode"] if int(sampling["num_samples"]) > 0 else "none"
+
+
+def sampling_draws(manifest: dict) -> str:
+    """How a sampling cache's draws were made: "iid" or "systematic" (caches before kdcache
+    0.4 do not say, and are iid)."""
+    return manifest["sampling"].get("draws", "iid")
 
 
 def write_json_atomic(path: Path, payload: dict) -> None:

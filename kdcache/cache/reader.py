@@ -150,8 +150,7 @@ def _iter_file(pf: pq.ParquetFile, id_table: np.ndarray, top_k: int, path: Path,
     except KdcacheError:
         raise
     except Exception as exc:  # damaged pages surface as ArrowInvalid/OSError mid-stream
-        first = (str(exc).splitlines() or [""])[0][:200]
-        raise KdcacheError(f"{path}: damaged shard ({type(exc).__name__}: {first}); run `kdcache verify`") from exc
+        raise KdcacheError(f"{path}: damaged shard ({first_line(exc)}); run `kdcache verify`") from exc
 
 
 class CacheReader:

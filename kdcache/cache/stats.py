@@ -48,7 +48,8 @@ def format_summary(summary: dict) -> str:
     ]
     if summary["sampling"]["num_samples"]:
         lines.append(
-            f"{('tail' if summary['sampling']['mode'] == 'tail' else 'random') + ' sampling':<17}N={summary['sampling']['num_samples']}, "
+            f"{('tail' if summary['sampling']['mode'] == 'tail' else 'random') + ' sampling':<17}N={summary['sampling']['num_samples']} "
+            f"({summary['sampling'].get('draws', 'iid')} draws), "
             f"{summary['mean_unique_samples_per_token']:.1f} unique ids per token"
         )
     lines += [

@@ -26,6 +26,9 @@ def _load_config(ctx: click.Context, _param: click.Parameter, value: str | None)
               help="Also store sampled teacher tokens: random = N draws from the full distribution (Random-Sampling KD); "
                    "tail = N draws from outside the top-k only (for --loss tail_rs: exact top-k, unbiased tail).")
 @click.option("--samples", type=int, default=50, show_default=True, help="Draws per token for --sampling random/tail.")
+@click.option("--draws", type=click.Choice(["systematic", "iid"]), default="systematic", show_default=True,
+              help="How the --samples draws are made: systematic = N evenly spaced points on the teacher's CDF from one "
+                   "random offset (each id's count is floor or ceil of N*p: unbiased, low variance); iid = independent draws.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for sampling (per sequence: [seed, seq_id]).")
 @click.option("--split", default="train", show_default=True, help="Split of a `datasets` DatasetDict directory or hub dataset.")
 @click.option("--max-length", type=int, default=2048, show_default=True, help="Truncate sequences to this many tokens (--mode generate: prompt + response).")

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from kdcache.cache.manifest import sampling_mode
-from kdcache.errors import KdcacheError
+from kdcache.errors import KdcacheError, first_line
 
 logger = logging.getLogger("kdcache")
 
@@ -50,8 +50,7 @@ def load_tokenizer(model: str | Path):
     try:
         return AutoTokenizer.from_pretrained(str(model))
     except Exception as exc:  # noqa: BLE001 - transformers raises many types
-        first = (str(exc).splitlines() or [""])[0][:200]
-        raise KdcacheError(f"{model}: cannot load the student's tokenizer ({type(exc).__name__}: {first})") from None
+        raise KdcacheError(f"{model}: cannot load the student's tokenizer ({first_line(exc)})") from None
 
 
 def _teacher_tokenizer(cache_dir: Path, manifest: dict):

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from kdcache.errors import KdcacheError
+from kdcache.errors import KdcacheError, first_line
 from kdcache.student.data import MicroBatch
 
 logger = logging.getLogger("kdcache")
@@ -120,8 +120,7 @@ def check_qlora_available(device: torch.device) -> None:
 
 
 def _load_error(model: str, exc: Exception) -> KdcacheError:
-    first = (str(exc).splitlines() or [""])[0][:200]
-    return KdcacheError(f"{model}: transformers cannot load the student ({type(exc).__name__}: {first})")
+    return KdcacheError(f"{model}: transformers cannot load the student ({first_line(exc)})")
 
 
 def load_student(
@@ -162,7 +161,7 @@ def load_student(
     except (ValueError, ImportError) as exc:
         if "attn_implementation" in str(exc) or "flash" in str(exc).lower():
             raise KdcacheError(f"{model}: attention implementation {attn_implementation!r} is not available "
-                               f"({(str(exc).splitlines() or [''])[0][:160]}); pass --attn-implementation sdpa") from None
+                               f"({first_line(exc)}); pass --attn-implementation sdpa") from None
         raise _load_error(str(model), exc) from None
     except OSError as exc:
         raise _load_error(str(model), exc) from None

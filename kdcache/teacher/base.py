@@ -19,6 +19,7 @@ class ScoringSettings:
         num_samples: ``N`` draws per position for Random-Sampling KD (0 disables).
         sample_tail: draw from the teacher's distribution restricted to the ids outside the
             position's top-k (``--sampling tail``) instead of the full distribution.
+        draws: "systematic" or "iid" (``--draws``; see ``kdcache.teacher.sampling.draw_points``).
         seed: base seed; draws for a sequence use ``numpy.random.default_rng([seed, seq_id])``
             so results never depend on batching or worker layout.
     """
@@ -27,6 +28,7 @@ class ScoringSettings:
     num_samples: int = 0
     seed: int = 0
     sample_tail: bool = False
+    draws: str = "systematic"
 
 
 @dataclass(frozen=True)

@@ -28,6 +28,7 @@ from kdcache.cache.writer import ShardRecord, load_shard_record, write_shard
 from kdcache.config import changed_keys
 from kdcache.errors import KdcacheError, first_line
 from kdcache.teacher.base import GenerationSettings, ScoringSettings
+from kdcache.teacher.sampling import DRAW_SCHEMES
 
 WORKERS_DIR = "workers"
 TOKENIZER_DIR = "tokenizer"
@@ -44,6 +45,7 @@ class GenerateConfig:
     top_k: int = 64
     sampling: str = "none"  # "none" | "random" (full distribution) | "tail" (outside the top-k)
     samples: int = 50
+    draws: str = "systematic"  # "systematic" | "iid": how the N draws are placed on the CDF
     seed: int = 0
     max_length: int = 2048
     data_format: str | None = None
@@ -78,6 +80,8 @@ class GenerateConfig:
             raise KdcacheError("--sampling tail draws from outside the top-k: it needs --top-k >= 1")
         if self.sampling != "none" and not 1 <= self.samples <= 65535:
             raise KdcacheError("--samples must be between 1 and 65535")
+        if self.draws not in DRAW_SCHEMES:
+            raise KdcacheError(f"--draws must be 'systematic' or 'iid', got {self.draws!r}")
         if not 0 <= self.worker_index < self.num_workers:
             raise KdcacheError(f"--worker-index must be in [0, {self.num_workers}), got {self.worker_index}")
         if self.shard_size < 1 or self.max_length < 2:
@@ -103,13 +107,19 @@ def _content_settings(cfg: GenerateConfig, teacher_info: dict, tok_fp: dict, dat
         "teacher": {k: teacher_info.get(k) for k in ("model", "config_sha256", "gguf_sha256", "revision", "quantization")},
         "tokenizer": tok_fp,
         "top_k": cfg.top_k,
-        "sampling": {"mode": cfg.sampling, "num_samples": cfg.samples if cfg.sampling != "none" else 0, "seed": cfg.seed},
+        "sampling": _sampling(cfg),
         "mode": cfg.mode,
         "generation": _generation(cfg),
         "dataset": {k: dataset_info[k] for k in ("fingerprint", "format")},
         "max_length": cfg.max_length,
         "shard_size": cfg.shard_size,
     }
+
+
+def _sampling(cfg: GenerateConfig) -> dict:
+    if cfg.sampling == "none":
+        return {"mode": "none", "num_samples": 0, "seed": cfg.seed}
+    return {"mode": cfg.sampling, "num_samples": cfg.samples, "seed": cfg.seed, "draws": cfg.draws}
 
 
 def _generation(cfg: GenerateConfig) -> dict | None:
@@ -379,7 +389,7 @@ def generate_teacher_cache(cfg: GenerateConfig) -> dict | None:
 
     backend = None
     scoring = ScoringSettings(top_k=cfg.top_k, num_samples=cfg.samples if cfg.sampling != "none" else 0, seed=cfg.seed,
-                              sample_tail=cfg.sampling == "tail")
+                              sample_tail=cfg.sampling == "tail", draws=cfg.draws)
     generation = GenerationSettings(cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.seed, max_length=cfg.max_length)
     progress = _Progress(todo_rows, cfg.progress)
     try:

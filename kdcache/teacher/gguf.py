@@ -13,7 +13,7 @@ import tempfile
 from pathlib import Path
 
 from kdcache.cache.writer import file_sha256
-from kdcache.errors import KdcacheError
+from kdcache.errors import KdcacheError, first_line
 from kdcache.testing.models import default_cache_home
 
 
@@ -46,7 +46,7 @@ def convert_gguf_to_hf(gguf_path: str | Path, cache_dir: str | Path | None = Non
             )
         except Exception as exc:  # transformers raises many types for a bad file
             raise KdcacheError(
-                f"{gguf_path}: cannot load GGUF file ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); "
+                f"{gguf_path}: cannot load GGUF file ({first_line(exc)}); "
                 "check the file is complete and its architecture is supported by transformers"
             ) from exc
         model.hf_quantizer = None

@@ -18,7 +18,7 @@ import numpy as np
 
 from kdcache.cache.records import TeacherScores, tail_logmass_from_topk
 from kdcache.data.example import TokenizedExample
-from kdcache.errors import KdcacheError
+from kdcache.errors import KdcacheError, first_line
 from kdcache.teacher.base import GenerationSettings, ScoringSettings, TeacherBackend
 from kdcache.teacher.loading import ResolvedTeacher, resolve_dtype, resolve_local, teacher_description
 from kdcache.teacher.sampling import concat_samples, draw_counts_torch, sequence_rng, validate_request
@@ -74,9 +74,7 @@ class HFBackend(TeacherBackend):
         try:
             model = AutoModelForCausalLM.from_pretrained(str(self.teacher.path), dtype=torch_dtype, **extra)
         except Exception as exc:  # noqa: BLE001 - surfaced as one line
-            first = (str(exc).splitlines() or [""])[0][:200]
-            raise KdcacheError(f"{self.teacher.spec}: transformers cannot load the teacher "
-                               f"({type(exc).__name__}: {first})") from None
+            raise KdcacheError(f"{self.teacher.spec}: transformers cannot load the teacher ({first_line(exc)})") from None
         self.model = model.to(self.device).eval()
         self.dtype = str(next(self.model.parameters()).dtype).removeprefix("torch.") if dtype == "auto" else dtype
         self.backbone = self.model.get_decoder() if hasattr(self.model, "get_decoder") else self.model.base_model
@@ -225,7 +223,7 @@ class HFBackend(TeacherBackend):
             if settings.num_samples:
                 # on the model's device: the [rows, V] float64 CDF never crosses to the host
                 exclude = indices if settings.sample_tail else None
-                samples.append(draw_counts_torch(rng, logp, settings.num_samples, exclude))
+                samples.append(draw_counts_torch(rng, logp, settings.num_samples, exclude, settings.draws))
         return {"tgt": tgt, "ids": top_ids, "lps": top_lps, "samples": samples}
 
     def _logits(self, hidden: Any) -> Any:

@@ -113,9 +113,8 @@ def _resolve_gguf(path: Path, cache_dir: str | Path | None) -> ResolvedTeacher:
     except KdcacheError:
         raise
     except Exception as exc:  # the reader raises ValueError, IndexError, struct errors...
-        first = (str(exc).splitlines() or [""])[0][:200]
         raise KdcacheError(
-            f"{path}: not a readable GGUF file ({type(exc).__name__}: {first}); the file is corrupt or truncated"
+            f"{path}: not a readable GGUF file ({first_line(exc)}); the file is corrupt or truncated"
         ) from None
     target = convert_gguf_to_hf(path, cache_dir)
     return ResolvedTeacher(

@@ -50,7 +50,7 @@ import numpy as np
 
 from kdcache.cache.records import TeacherScores, tail_logmass_from_topk
 from kdcache.data.example import TokenizedExample
-from kdcache.errors import KdcacheError
+from kdcache.errors import KdcacheError, first_line
 from kdcache.teacher.base import GenerationSettings, ScoringSettings, TeacherBackend
 from kdcache.teacher.loading import ResolvedTeacher, resolve_dtype, resolve_local, teacher_description
 from kdcache.teacher.sampling import draw_counts, select_real_topk, sequence_rng, validate_request
@@ -287,9 +287,8 @@ class VLLMBackend(TeacherBackend):
             self._prompt_logprobs([probe], 1)
         except Exception as exc:  # noqa: BLE001 - the engine reports many error types
             self.close()
-            first = (str(exc).splitlines() or [""])[0][:200]
             raise EngineUnusable(
-                f"{self.teacher.spec}: vLLM started but cannot run this teacher ({type(exc).__name__}: {first}); "
+                f"{self.teacher.spec}: vLLM started but cannot run this teacher ({first_line(exc)}); "
                 "the engine log names the cause; the hf backend can load it"
             ) from None
 
@@ -355,7 +354,7 @@ class VLLMBackend(TeacherBackend):
         np.put_along_axis(dense, ids[rows, 1:].astype(np.int64), lps[rows, 1:], axis=1)
         offsets, sample_ids, counts = draw_counts(
             sequence_rng(settings.seed, ex.seq_id), dense[:, : self.vocab_size], settings.num_samples,
-            scores.topk_ids if settings.sample_tail else None,
+            scores.topk_ids if settings.sample_tail else None, settings.draws,
         )
         scores.sample_offsets, scores.sample_ids, scores.sample_counts = offsets, sample_ids, counts
         return scores
