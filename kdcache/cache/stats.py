@@ -8,7 +8,7 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from kdcache.cache import format as fmt
-from kdcache.cache.manifest import load_manifest
+from kdcache.cache.manifest import load_manifest, sampling_draws
 from kdcache.cache.reader import _check_shard_meta
 from kdcache.cache.writer import file_sha256
 from kdcache.errors import KdcacheError
@@ -49,7 +49,7 @@ def format_summary(summary: dict) -> str:
     if summary["sampling"]["num_samples"]:
         lines.append(
             f"{('tail' if summary['sampling']['mode'] == 'tail' else 'random') + ' sampling':<17}N={summary['sampling']['num_samples']} "
-            f"({summary['sampling'].get('draws', 'iid')} draws), "
+            f"({sampling_draws(summary)} draws), "
             f"{summary['mean_unique_samples_per_token']:.1f} unique ids per token"
         )
     lines += [
