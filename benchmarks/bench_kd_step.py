@@ -5,7 +5,9 @@ Arms (same randomly initialized model, same AdamW, same batch, one process):
 
 * ``sft``: ``model(input_ids, labels=input_ids).loss.backward()``; AdamW step.
   transformers materializes the full ``[B, L, V]`` logits (bf16, then float32 in the loss).
-* ``kd``: ``model.model(input_ids)`` (hidden states only, no lm_head), then
+* ``kd``: what ``kdcache train-student`` runs: the memory-lean RMSNorm/SwiGLU forwards of
+  ``kdcache.student.lean`` (its default ``--lean-layers``; off with ``--no-lean-layers``),
+  ``model.model(input_ids)`` (hidden states only, no lm_head), then
   ``kdcache.student.chunked.chunked_kd_loss`` on synthetic cache targets (``k`` top-k ids
   and log-probs plus the tail, consistent with one distribution per position); AdamW step.
 
@@ -20,6 +22,7 @@ attention, seq 2048, batch 4. ``--tiny`` runs a small model on CPU as a smoke ch
 
     python benchmarks/bench_kd_step.py                 # H100: the real measurement
     python benchmarks/bench_kd_step.py --grad-ckpt     # both arms with gradient checkpointing
+    python benchmarks/bench_kd_step.py --dtype float32 --autocast   # fp32 master weights, bf16 autocast
     python benchmarks/bench_kd_step.py --tiny          # CPU smoke check
 """
 
@@ -39,6 +42,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
+from kdcache.student.lean import apply_lean_layers  # noqa: E402
 from kdcache.student.chunked import DEFAULT_MAX_CHUNK_BYTES, choose_chunk_size, chunked_kd_loss  # noqa: E402
 from kdcache.student.losses import LOSS_NAMES, KDLossConfig, TeacherTargets  # noqa: E402
 
@@ -83,7 +87,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--steps", type=int, default=None, help="measured steps per arm (default 10; tiny 2)")
     ap.add_argument("--warmup", type=int, default=None, help="warm-up steps per arm (default 2; tiny 1)")
     ap.add_argument("--grad-ckpt", action="store_true", help="gradient checkpointing in both arms")
+    ap.add_argument("--lean-layers", action=argparse.BooleanOptionalAction, default=True,
+                    help="memory-lean RMSNorm/SwiGLU in the kd arm, as train-student's default (default: on)")
     ap.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
+    ap.add_argument("--autocast", action="store_true",
+                    help="bf16 autocast in both arms (with --dtype float32: train-student's full fine-tuning default)")
     ap.add_argument("--device", default=None, help="default: cuda if available (cpu with --tiny)")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
@@ -143,8 +151,14 @@ def synthetic_targets(
     return targets
 
 
-def sft_step(model: torch.nn.Module, opt: torch.optim.Optimizer, input_ids: torch.Tensor) -> float:
-    out = model(input_ids=input_ids, labels=input_ids, use_cache=False)
+def amp_context(args: argparse.Namespace):
+    """bf16 autocast over the forward pass with ``--autocast``, else nothing."""
+    return torch.autocast(device_type=args.device.split(":")[0], dtype=torch.bfloat16, enabled=args.autocast)
+
+
+def sft_step(model: torch.nn.Module, opt: torch.optim.Optimizer, input_ids: torch.Tensor, args: argparse.Namespace) -> float:
+    with amp_context(args):
+        out = model(input_ids=input_ids, labels=input_ids, use_cache=False)
     out.loss.backward()
     opt.step()
     opt.zero_grad(set_to_none=True)
@@ -160,15 +174,20 @@ def kd_step(
     config: KDLossConfig,
     args: argparse.Namespace,
 ) -> float:
-    hidden = model.model(input_ids=input_ids, use_cache=False).last_hidden_state
-    h = hidden[:, :-1].reshape(-1, hidden.shape[-1])  # the rows that predict tokens 1..L-1
+    with amp_context(args):
+        hidden = model.model(input_ids=input_ids, use_cache=False).last_hidden_state
+    weight, bias = model.lm_head.weight, model.lm_head.bias
+    if args.autocast:  # as train-student's head_inputs: the loss's GEMMs in the autocast dtype
+        weight = weight.to(torch.bfloat16)
+        bias = None if bias is None else bias.to(torch.bfloat16)
+    h = hidden[:, :-1].reshape(-1, hidden.shape[-1]).to(weight.dtype)  # the rows that predict tokens 1..L-1
     loss, metrics = chunked_kd_loss(
         h,
-        model.lm_head.weight,
+        weight,
         targets,
         gold,
         config,
-        bias=model.lm_head.bias,
+        bias=bias,
         chunk_size=args.chunk_size,
         max_chunk_bytes=args.max_chunk_bytes,
     )
@@ -260,10 +279,15 @@ def main(argv: list[str] | None = None) -> dict:
     gold = input_ids[:, 1:].reshape(-1)
     config = KDLossConfig(loss=args.loss, ce_weight=args.ce_weight)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
+    lean = apply_lean_layers(model) if args.lean_layers else None
+
+    def use_lean(active: bool) -> None:
+        if lean is not None:
+            lean.set_active(active)
 
     arms = {
-        "sft": lambda: sft_step(model, opt, input_ids),
-        "kd": lambda: kd_step(model, opt, input_ids, targets, gold, config, args),
+        "sft": lambda: (use_lean(False), sft_step(model, opt, input_ids, args))[1],
+        "kd": lambda: (use_lean(True), kd_step(model, opt, input_ids, targets, gold, config, args))[1],
     }
     for _ in range(args.warmup):
         for name in ("sft", "kd"):
@@ -289,6 +313,7 @@ def main(argv: list[str] | None = None) -> dict:
             "model_config": TINY if args.tiny else QWEN25_15B,
             "params": sum(p.numel() for p in model.parameters()),
             "dtype": args.dtype,
+            "autocast": "bfloat16" if args.autocast else None,
             "attn_implementation": "sdpa",
             "batch": args.batch,
             "seq": args.seq,
@@ -298,6 +323,7 @@ def main(argv: list[str] | None = None) -> dict:
             "chunk_size": chunk,
             "num_chunks": -(-num_pos // chunk),
             "grad_ckpt": args.grad_ckpt,
+            "kd_lean_layers": lean.summary() if lean is not None else "off",
             "warmup_steps_per_arm": args.warmup,
             "measured_steps_per_arm": args.steps,
             "order": "warm-up, then alternating ABBA repetitions",

@@ -93,6 +93,7 @@ def _runtime_options(func, dtype_help: str = "Weight dtype: auto (float32 master
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for data order, LoRA init and dropout.")
 @_runtime_options
 @click.option("--gradient-checkpointing/--no-gradient-checkpointing", default=False, show_default=True, help="Recompute activations in backward (less memory, ~30% slower).")
+@click.option("--lean-layers/--no-lean-layers", default=True, show_default=True, help="RMSNorm and SwiGLU layers that keep fewer activations for backward (same math; fused kernels on CUDA).")
 @click.option("--lora-r", type=int, default=0, show_default=True, help="LoRA rank; 0 = full fine-tuning.")
 @click.option("--lora-alpha", type=float, default=16.0, show_default=True, help="LoRA alpha.")
 @click.option("--lora-dropout", type=float, default=0.05, show_default=True, help="LoRA dropout.")

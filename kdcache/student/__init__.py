@@ -1,7 +1,9 @@
 """Stage two: train a student against a teacher cache (`train_student`) and score models on
 a cache (`evaluate_model`).
 
-Imports are lazy so that `kdcache.student.losses` / `.chunked` (plain torch) stay usable
+`apply_lean_layers` swaps memory-lean RMSNorm/SwiGLU forwards into any transformers model.
+
+Imports are lazy so that `kdcache.student.losses` / `.chunked` / `.lean` (plain torch) stay usable
 without the cache stack (pyarrow, zstandard) installed.
 """
 
@@ -14,6 +16,7 @@ _EXPORTS = {
     "train_student": "kdcache.student.train",
     "evaluate": "kdcache.student.evaluate",
     "evaluate_model": "kdcache.student.evaluate",
+    "apply_lean_layers": "kdcache.student.lean",
 }
 
 __all__ = list(_EXPORTS)

@@ -21,6 +21,7 @@ from torch import Tensor, nn
 
 from kdcache.errors import KdcacheError, first_line
 from kdcache.student.data import MicroBatch
+from kdcache.student.lean import apply_lean_layers
 
 logger = logging.getLogger("kdcache")
 
@@ -131,6 +132,7 @@ def load_student(
     attn_implementation: str = "sdpa",
     lora: LoraSettings | None = None,
     gradient_checkpointing: bool = False,
+    lean_layers: bool = False,
     adapter: str | Path | None = None,
     trainable: bool = True,
 ) -> nn.Module:
@@ -140,6 +142,8 @@ def load_student(
         model: HF directory or hub id of the student (the base model for LoRA).
         dtype: weight dtype (the frozen base's under LoRA; QLoRA computes in it).
         lora: LoRA/QLoRA settings, or None for full fine-tuning.
+        lean_layers: swap memory-lean forwards into the RMSNorm and SwiGLU layers
+            (``kdcache.student.lean``; same math, fewer activations kept for backward).
         adapter: an existing peft adapter directory to load (resume / evaluation) instead of
             initializing a new one.
         trainable: False to load for evaluation only.
@@ -168,6 +172,10 @@ def load_student(
     if "quantization_config" not in kwargs:
         net.to(device)
     net.config.use_cache = False
+    if lean_layers:
+        # Before peft wraps the projections: the probe needs the deterministic (eval-mode,
+        # no LoRA dropout) forward; the swapped MLP forward calls whatever gate/up/down are later.
+        logger.info(apply_lean_layers(net).summary())
     if lora is None:
         net.requires_grad_(trainable)
         if gradient_checkpointing:

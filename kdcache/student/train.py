@@ -70,7 +70,7 @@ logger = logging.getLogger("kdcache")
 #: into micro-batches does not matter), e.g. lower --micro-batch-tokens after running out of memory.
 RESUME_FREE = frozenset({
     "output", "resume", "overwrite", "progress", "log_every", "save_every", "device",
-    "micro_batch_tokens", "gradient_checkpointing", "attn_implementation",
+    "micro_batch_tokens", "gradient_checkpointing", "attn_implementation", "lean_layers",
 })
 
 
@@ -110,6 +110,7 @@ class TrainConfig:
     autocast: str = "auto"
     attn_implementation: str = "auto"
     gradient_checkpointing: bool = False
+    lean_layers: bool = True
     lora_r: int = 0
     lora_alpha: float = 16.0
     lora_dropout: float = 0.05
@@ -281,6 +282,8 @@ def forward_backward(
 
 def _oom_message(cfg: TrainConfig, where: str) -> str:
     hint = f"lower --micro-batch-tokens (now {cfg.micro_batch_tokens})"
+    if not cfg.lean_layers:
+        hint += ", drop --no-lean-layers"
     if not cfg.gradient_checkpointing:
         hint += ", pass --gradient-checkpointing"
     if not cfg.use_lora:
@@ -389,7 +392,7 @@ def train_student(cfg: TrainConfig, *, on_step: Callable[[int, dict], None] | No
     try:
         model = load_student(
             source, device=device, dtype=weight_dtype, attn_implementation=runtime.attn_implementation, lora=lora,
-            gradient_checkpointing=cfg.gradient_checkpointing, adapter=(last_dir / "adapter") if (resuming and lora) else None,
+            gradient_checkpointing=cfg.gradient_checkpointing, lean_layers=cfg.lean_layers, adapter=(last_dir / "adapter") if (resuming and lora) else None,
         )
     except torch.OutOfMemoryError:
         raise KdcacheError(_oom_message(cfg, "while loading the student")) from None
