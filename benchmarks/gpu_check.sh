@@ -22,6 +22,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT
 bench() {  # name, args...
     local name=$1; shift
     timeout 240 python3 benchmarks/bench_kd_step.py "$@" > "$OUT/$name.json" 2> "$OUT/$name.err"
+    [ -s "$OUT/$name.err" ] || rm -f "$OUT/$name.err"  # the device returns at most 8 files
     python3 - "$OUT/$name.json" <<'PY'
 import json, sys
 try:
