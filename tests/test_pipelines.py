@@ -11,6 +11,7 @@ import torch
 from kdcache.cli.generate_cmd import generate_teacher
 from kdcache.cli.train_cmds import eval_cmd, train_student
 from kdcache.config import load_section
+from kdcache.student.compat import check_loss_needs, ignored_draws_warning, resolve_loss
 from kdcache.student.losses import KDLossConfig, combine
 from kdcache.student.train import TrainConfig
 
@@ -55,8 +56,15 @@ def test_pipeline_uses_real_options(path: Path):
     train_ctx = _context(train_student, path, student, ("student", "cache", "output"))
     for key, value in student.items():
         assert train_ctx.params[key] is not None or value is None, key
-    TrainConfig(**train_ctx.params).check()
-    TrainConfig(**train_ctx.params).loss_config()
+    # The student's loss fits the cache its teacher section makes (`auto` resolved as train-student does).
+    mode = gen_ctx.params["sampling"]
+    cache = {"top_k": gen_ctx.params["top_k"],
+             "sampling": {"mode": mode, "num_samples": gen_ctx.params["samples"] if mode != "none" else 0}}
+    loss = resolve_loss(train_ctx.params["loss"], cache)
+    check_loss_needs(loss, cache, path)
+    assert ignored_draws_warning(loss, cache, path) is None, path
+    TrainConfig(**{**train_ctx.params, "loss": loss}).check()
+    TrainConfig(**{**train_ctx.params, "loss": loss}).loss_config()
     # The student reads the cache the teacher section writes.
     if "output" in teacher and "cache" in student:
         assert gen_ctx.params["output"] == train_ctx.params["cache"]

@@ -21,11 +21,11 @@ def _load_config(ctx: click.Context, _param: click.Parameter, value: str | None)
 @click.option("--dataset", required=True, help="JSONL, .jsonl.zst, Parquet, a directory/glob of them, a `datasets` save_to_disk directory, or a hub dataset name.")
 @click.option("--output", required=True, type=click.Path(file_okay=False), help="Cache directory (created; rerun the same command to resume).")
 @click.option("--backend", type=click.Choice(["auto", "vllm", "hf"]), default="auto", show_default=True, help="vLLM engine or transformers forward; auto prefers vLLM.")
-@click.option("--top-k", type=int, default=64, show_default=True, help="Top log-probs stored per supervised token (0 with --sampling random stores samples only).")
-@click.option("--sampling", type=click.Choice(["none", "random", "tail"]), default="none", show_default=True,
+@click.option("--top-k", type=int, default=4, show_default=True, help="Top log-probs stored per supervised token (0 with --sampling random stores samples only). The default 4 + tail draws is the quality benchmark's winner; use --top-k 64 --sampling none for temperature != 1 or the other divergences.")
+@click.option("--sampling", type=click.Choice(["none", "random", "tail"]), default="tail", show_default=True,
               help="Also store sampled teacher tokens: random = N draws from the full distribution (Random-Sampling KD); "
                    "tail = N draws from outside the top-k only (for --loss tail_rs: exact top-k, unbiased tail).")
-@click.option("--samples", type=int, default=50, show_default=True, help="Draws per token for --sampling random/tail.")
+@click.option("--samples", type=int, default=8, show_default=True, help="Draws per token for --sampling random/tail (Random-Sampling KD used 50 with --sampling random).")
 @click.option("--draws", type=click.Choice(["systematic", "iid"]), default="systematic", show_default=True,
               help="How the --samples draws are made: systematic = N evenly spaced points on the teacher's CDF from one "
                    "random offset (each id's count is floor or ceil of N*p: unbiased, low variance); iid = independent draws.")

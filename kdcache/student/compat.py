@@ -158,6 +158,15 @@ def resolve_loss(loss: str, manifest: dict) -> str:
     return "rs_kd" if samples_only else "tail"
 
 
+def ignored_draws_warning(loss: str, manifest: dict, cache_dir: str | Path) -> str | None:
+    """A warning when ``loss`` leaves a cache's tail draws unused and sees only the top-k and the tail bucket."""
+    if sampling_mode(manifest) != "tail" or loss == "tail_rs":
+        return None
+    return (f"{cache_dir} holds top-{manifest['top_k']} plus draws from outside it; --loss {loss} ignores the draws "
+            f"and sees only the top-{manifest['top_k']} and one tail bucket (--loss tail_rs uses them; for {loss} "
+            "make the cache with --top-k 64 --sampling none)")
+
+
 def check_loss_needs(loss: str, manifest: dict, cache_dir: str | Path) -> None:
     """The loss must find what it needs in the cache: top-k, full-distribution samples for
     ``rs_kd``, top-k plus tail samples for ``tail_rs``."""

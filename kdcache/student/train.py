@@ -43,6 +43,7 @@ from kdcache.student.compat import (
     check_output_rows,
     check_same_tokenizer,
     check_tokenizer,
+    ignored_draws_warning,
     load_tokenizer,
     resolve_loss,
 )
@@ -357,6 +358,7 @@ def train_student(cfg: TrainConfig, *, on_step: Callable[[int, dict], None] | No
     cfg = replace(cfg, loss=resolve_loss(cfg.loss, reader.manifest))
     loss_config = cfg.loss_config()
     check_loss_needs(cfg.loss, reader.manifest, cfg.cache)
+    _warn([w for w in [ignored_draws_warning(cfg.loss, reader.manifest, cfg.cache)] if w])
     eval_reader = CacheReader(cfg.eval_cache) if cfg.eval_cache else None
     best_metric = cfg.best_metric
     if eval_reader is not None:
