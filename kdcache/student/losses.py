@@ -159,7 +159,8 @@ class KDLossConfig:
         if not 0.0 <= self.ce_weight <= 1.0:
             raise ValueError(f"ce_weight must be in [0, 1], got {self.ce_weight}")
         if self.loss in SAMPLE_LOSSES and self.tau != 1.0:
-            raise ValueError(f"{self.loss} needs tau == 1: the cached samples were drawn at temperature 1")
+            raise ValueError(f"{self.loss} needs tau == 1: the cached samples were drawn at temperature 1 (for another "
+                             "temperature use --loss tail, or a cache made with --top-k 64 --sampling none)")
 
     @property
     def needs_topk(self) -> bool:
