@@ -43,7 +43,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from kdcache.student.lean import apply_lean_layers  # noqa: E402
-from kdcache.student.chunked import DEFAULT_MAX_CHUNK_BYTES, choose_chunk_size, chunked_kd_loss  # noqa: E402
+from kdcache.student.chunked import DEFAULT_MAX_CHUNK_BYTES, choose_chunk_size, chunked_kd_loss, head_inputs  # noqa: E402
 from kdcache.student.losses import LOSS_NAMES, KDLossConfig, TeacherTargets  # noqa: E402
 
 QWEN25_15B = dict(
@@ -176,11 +176,9 @@ def kd_step(
 ) -> float:
     with amp_context(args):
         hidden = model.model(input_ids=input_ids, use_cache=False).last_hidden_state
-    weight, bias = model.lm_head.weight, model.lm_head.bias
-    if args.autocast:  # as train-student's head_inputs: the loss's GEMMs in the autocast dtype
-        weight = weight.to(torch.bfloat16)
-        bias = None if bias is None else bias.to(torch.bfloat16)
-    h = hidden[:, :-1].reshape(-1, hidden.shape[-1]).to(weight.dtype)  # the rows that predict tokens 1..L-1
+    rows = hidden[:, :-1].reshape(-1, hidden.shape[-1])  # the rows that predict tokens 1..L-1
+    amp = torch.bfloat16 if args.autocast else None
+    h, weight, bias = head_inputs(rows, model.lm_head.weight, model.lm_head.bias, 1.0, amp)
     loss, metrics = chunked_kd_loss(
         h,
         weight,
@@ -281,14 +279,17 @@ def main(argv: list[str] | None = None) -> dict:
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
     lean = apply_lean_layers(model) if args.lean_layers else None
 
-    def use_lean(active: bool) -> None:
+    def sft_arm() -> float:  # transformers as it ships
         if lean is not None:
-            lean.set_active(active)
+            lean.set_active(False)
+        return sft_step(model, opt, input_ids, args)
 
-    arms = {
-        "sft": lambda: (use_lean(False), sft_step(model, opt, input_ids, args))[1],
-        "kd": lambda: (use_lean(True), kd_step(model, opt, input_ids, targets, gold, config, args))[1],
-    }
+    def kd_arm() -> float:  # what train-student runs
+        if lean is not None:
+            lean.set_active(True)
+        return kd_step(model, opt, input_ids, targets, gold, config, args)
+
+    arms = {"sft": sft_arm, "kd": kd_arm}
     for _ in range(args.warmup):
         for name in ("sft", "kd"):
             timed(arms[name], device)

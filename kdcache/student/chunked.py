@@ -293,6 +293,22 @@ class _ChunkedKDFunction(torch.autograd.Function):
         return (*out, None, None, None, None, None)
 
 
+def head_inputs(hidden: Tensor, weight: Tensor, bias: Tensor | None, scale: float,
+                amp: torch.dtype | None) -> tuple[Tensor, Tensor, Tensor | None]:
+    """``(hidden, weight, bias)`` in one dtype for the chunked loss.
+
+    Under autocast, float32 head weights are cast (differentiably) to the autocast dtype, as
+    autocast would do for the lm_head matmul; the loss itself is computed in float32.
+    """
+    if amp is not None and weight.dtype == torch.float32:
+        weight = weight.to(amp)
+        bias = None if bias is None else bias.to(amp)
+    hidden = hidden.to(weight.dtype)
+    if scale != 1.0:
+        hidden = hidden * scale
+    return hidden, weight, bias
+
+
 def _as_index(x: Tensor | None) -> Tensor | None:
     return x if x is None or x.dtype == torch.int64 else x.long()
 

@@ -26,7 +26,7 @@ from torch import nn
 
 from kdcache.cache.reader import CacheReader
 from kdcache.errors import KdcacheError
-from kdcache.student.chunked import choose_chunk_size
+from kdcache.student.chunked import choose_chunk_size, head_inputs
 from kdcache.student.data import iter_eval_batches
 from kdcache.student.losses import (
     KDLossConfig,
@@ -103,7 +103,7 @@ def evaluate(
             mb = mb.to(device)
             with torch.autocast(device.type, dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None):
                 hidden = hidden_states(model, mb, attn, autocast_dtype or body_dtype)
-            hidden = hidden.to(weight.dtype) * scale if scale != 1.0 else hidden.to(weight.dtype)
+            hidden, _, _ = head_inputs(hidden, weight, bias, scale, None)  # logits in the head's own dtype
             for start in range(0, mb.num_targets, chunk):
                 stop = min(mb.num_targets, start + chunk)
                 targets = mb.targets.rows(start, stop)

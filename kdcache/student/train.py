@@ -37,7 +37,7 @@ from torch import Tensor, nn
 from kdcache.cache.reader import CacheReader
 from kdcache.errors import KdcacheError
 from kdcache.student import checkpoint as ckpt
-from kdcache.student.chunked import chunked_kd_loss
+from kdcache.student.chunked import chunked_kd_loss, head_inputs
 from kdcache.student.compat import (
     check_loss_needs,
     check_output_rows,
@@ -236,22 +236,6 @@ class Runtime:
                               enabled=self.autocast_dtype is not None)
 
 
-def head_inputs(hidden: Tensor, weight: Tensor, bias: Tensor | None, scale: float,
-                amp: torch.dtype | None) -> tuple[Tensor, Tensor, Tensor | None]:
-    """``(hidden, weight, bias)`` in one dtype for the chunked loss.
-
-    Under autocast, float32 head weights are cast (differentiably) to the autocast dtype, as
-    autocast would do for the lm_head matmul; the loss itself is computed in float32.
-    """
-    if amp is not None and weight.dtype == torch.float32:
-        weight = weight.to(amp)
-        bias = None if bias is None else bias.to(amp)
-    hidden = hidden.to(weight.dtype)
-    if scale != 1.0:
-        hidden = hidden * scale
-    return hidden, weight, bias
-
-
 def forward_backward(
     model: nn.Module,
     batches: list[MicroBatch],
@@ -358,7 +342,9 @@ def train_student(cfg: TrainConfig, *, on_step: Callable[[int, dict], None] | No
     cfg = replace(cfg, loss=resolve_loss(cfg.loss, reader.manifest))
     loss_config = cfg.loss_config()
     check_loss_needs(cfg.loss, reader.manifest, cfg.cache)
-    _warn([w for w in [ignored_draws_warning(cfg.loss, reader.manifest, cfg.cache)] if w])
+    draws_warning = ignored_draws_warning(cfg.loss, reader.manifest, cfg.cache)
+    if draws_warning:
+        _warn([draws_warning])
     eval_reader = CacheReader(cfg.eval_cache) if cfg.eval_cache else None
     best_metric = cfg.best_metric
     if eval_reader is not None:
