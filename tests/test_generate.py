@@ -244,6 +244,51 @@ def test_bad_rows_stop_with_one_line_or_are_counted(tiny_llama, tmp_path):
     assert [s["source"] for s in skipped] == [f"{data}:2", f"{data}:3"]
 
 
+def test_overlapped_writes_match_serial_and_stop_on_a_failed_write(tiny_llama, tmp_path, monkeypatch):
+    """Tokenize-ahead and write-behind threads change no byte; a failing write or a bad row in a
+    later shard stops the run with its one-line error, keeping the shards finished before it."""
+    import errno
+
+    from kdcache.cache import writer
+
+    rows = [{"text": CORPUS[i % 6] + f" Row {i}."} for i in range(14)]
+    data = _write_jsonl(tmp_path / "text.jsonl", rows)
+
+    def shard_hashes(cache: Path) -> list[str]:
+        return [s["sha256"] for s in json.loads((cache / "manifest.json").read_text())["shards"]]
+
+    serial = generate_teacher_cache(_cfg(tiny_llama, data, tmp_path / "serial", overlap=False))
+    assert serial["totals"]["shards"] == 4
+    generate_teacher_cache(_cfg(tiny_llama, data, tmp_path / "overlapped"))
+    assert shard_hashes(tmp_path / "overlapped") == shard_hashes(tmp_path / "serial")
+
+    real_write = writer._fsync_write
+
+    def no_space_for_shard_2(path, payload):
+        if "part-00002.parquet" in Path(path).name:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_write(path, payload)
+
+    monkeypatch.setattr(writer, "_fsync_write", no_space_for_shard_2)
+    out = tmp_path / "full"
+    with pytest.raises(KdcacheError, match="part-00002.parquet: disk full"):
+        generate_teacher_cache(_cfg(tiny_llama, data, out))
+    assert sorted(p.name for p in (out / "shards").glob("part-*.json")) == ["part-00000.json", "part-00001.json"]
+    assert not (out / "manifest.json").exists() and not list((out / "shards").glob(".*tmp*"))
+    monkeypatch.setattr(writer, "_fsync_write", real_write)
+    generate_teacher_cache(_cfg(tiny_llama, data, out))  # rerun after freeing space: completes
+    assert shard_hashes(out) == shard_hashes(tmp_path / "serial")
+
+    lines = data.read_text().splitlines()
+    lines[6] = "{not json"  # row 7 lies in shard 1
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("\n".join(lines) + "\n")
+    with pytest.raises(KdcacheError, match=f"{bad}:7"):
+        generate_teacher_cache(_cfg(tiny_llama, bad, tmp_path / "bad"))
+    assert [p.name for p in (tmp_path / "bad" / "shards").glob("part-*.json")] == ["part-00000.json"]
+    assert not (tmp_path / "bad" / "manifest.json").exists()
+
+
 def test_missing_teacher_is_one_line(tmp_path):
     data = _write_jsonl(tmp_path / "t.jsonl", [{"text": "hello"}])
     result = _run_cli("generate-teacher", "--teacher", str(tmp_path / "no-such-model"), "--dataset", str(data),

@@ -49,6 +49,7 @@ def _load_config(ctx: click.Context, _param: click.Parameter, value: str | None)
 @click.option("--max-model-len", type=int, default=None, help="vLLM context length (default: --max-length + 1 when scoring, --max-length with --mode generate).")
 @click.option("--enforce-eager/--no-enforce-eager", default=None, help="vLLM: skip graph compilation (faster start) [default: on for CPU, off for GPU].")
 @click.option("--zstd-level", type=int, default=fmt.ZSTD_LEVEL, show_default=True, help="Parquet zstd level of the shards (1 measured best: higher levels barely shrink the high-entropy byte planes and write slower).")
+@click.option("--overlap/--no-overlap", default=True, show_default=True, help="Tokenize the next shard and write the previous one in background threads while the teacher scores (holds two shards' results in host memory, about 1 GiB per 2M tokens at top-64).")
 @click.option("--progress/--no-progress", default=True, show_default=True, help="Show a progress bar.")
 def generate_teacher(**options) -> None:
     """Score DATASET with TEACHER and write its sparse next-token distributions to OUTPUT.

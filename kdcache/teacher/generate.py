@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import datetime as _dt
 import hashlib
+import itertools
 import json
 import math
 import os
 import sys
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
@@ -69,6 +71,10 @@ class GenerateConfig:
     enforce_eager: bool | None = None  # None: eager on CPU, compiled on GPU
     zstd_level: int = fmt.ZSTD_LEVEL
     progress: bool = True
+    # Read + tokenize the next shard and write the previous one in background threads while
+    # the teacher scores, so the engine does not wait on the host (holds up to two shards'
+    # results in memory). False runs the three steps in turn.
+    overlap: bool = True
     engine_options: dict = field(default_factory=dict)
 
     def check(self) -> None:
@@ -325,6 +331,56 @@ def _shards_of_rows(rows: Iterator[tuple[int, str, dict]], shard_size: int) -> I
         yield current, bucket
 
 
+class _Prefetch:
+    """Iterate ``items`` in a background thread, at most ``depth`` items ahead of the caller.
+
+    An exception raised by ``items`` is re-raised by the caller's ``next()`` at the point
+    where the failing item would have arrived, so errors surface in the same order as
+    without prefetching. ``close()`` stops the producer at its next item.
+    """
+
+    _DONE = object()
+
+    def __init__(self, items: Iterator, depth: int = 1) -> None:
+        import queue
+        import threading
+
+        self._queue: queue.Queue = queue.Queue(maxsize=depth)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._produce, args=(items,), name="kdcache-prefetch", daemon=True)
+        self._thread.start()
+
+    def _produce(self, items: Iterator) -> None:
+        try:
+            for item in items:
+                self._queue.put((item, None))
+                if self._stop.is_set():
+                    return
+        except BaseException as exc:  # noqa: BLE001 - handed to the consumer, which re-raises it
+            self._queue.put((None, exc))
+            return
+        self._queue.put((self._DONE, None))
+
+    def __iter__(self) -> "_Prefetch":
+        return self
+
+    def __next__(self):
+        item, exc = self._queue.get()
+        if exc is not None:
+            raise exc
+        if item is self._DONE:
+            raise StopIteration
+        return item
+
+    def close(self) -> None:
+        self._stop.set()
+        while self._thread.is_alive():  # unblock a producer waiting on a full queue
+            try:
+                self._queue.get(timeout=0.1)
+            except Exception:  # noqa: BLE001 - queue.Empty: the producer is still working on an item
+                pass
+
+
 class _Progress:
     """tqdm over rows with supervised tokens/s in the postfix (tqdm's ETA is by rows)."""
 
@@ -393,8 +449,8 @@ def generate_teacher_cache(cfg: GenerateConfig) -> dict | None:
     scoring = ScoringSettings(top_k=cfg.top_k, num_samples=cfg.samples if cfg.sampling != "none" else 0, seed=cfg.seed,
                               sample_tail=cfg.sampling == "tail", draws=cfg.draws)
     generation = GenerationSettings(cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.seed, max_length=cfg.max_length)
-    progress = _Progress(todo_rows, cfg.progress)
-    try:
+    def prepared_shards() -> Iterator[tuple[int, list, list[dict]]]:
+        """``(shard_index, examples, skipped)`` for each shard this run must write."""
         for index, rows in _shards_of_rows(dataset.rows(), cfg.shard_size):
             if index not in todo:
                 continue
@@ -407,22 +463,48 @@ def generate_teacher_cache(cfg: GenerateConfig) -> dict | None:
                     skipped.append({"seq_id": item.seq_id, "source": item.source, "reason": item.reason})
                 else:
                     examples.append(item)
-            if backend is None:  # after tokenizing, so a bad first row fails before a model loads
-                backend = make_backend(backend_name, teacher, dtype=cfg.dtype, **_engine_options(cfg))
-                teacher_info["dtype_loaded"] = getattr(backend, "dtype", cfg.dtype)
-                teacher_info["backend_used"] = backend.name
-                claim_scorer(out, {k: str(teacher_info[k]) for k in ("backend_used", "dtype_loaded")})
-            if cfg.mode == "generate":
-                stream = backend.generate(examples, scoring, generation)
-            else:
-                stream = backend.score(examples, scoring)
-            results = []
-            for result in stream:
-                results.append(result)
-                progress.update(1, result.num_targets)
-            progress.update(len(skipped), 0)
-            write_shard(out, index, results, cfg.top_k, skipped=skipped, zstd_level=cfg.zstd_level)
+            yield index, examples, skipped
+
+    progress = _Progress(todo_rows, cfg.progress)
+    shards = prepared_shards()
+    writer: ThreadPoolExecutor | None = None
+    writing: Future | None = None  # the previous shard's write, running while this one is scored
+    try:
+        # The first shard is tokenized before the model loads, so a bad first row fails fast,
+        # and before any helper thread starts, since vLLM may fork its engine process.
+        first = next(shards, None)
+        if first is not None:
+            backend = make_backend(backend_name, teacher, dtype=cfg.dtype, **_engine_options(cfg))
+            teacher_info["dtype_loaded"] = getattr(backend, "dtype", cfg.dtype)
+            teacher_info["backend_used"] = backend.name
+            claim_scorer(out, {k: str(teacher_info[k]) for k in ("backend_used", "dtype_loaded")})
+            if cfg.overlap:
+                shards = _Prefetch(shards)
+                writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kdcache-writer")
+            for index, examples, skipped in itertools.chain([first], shards):
+                if cfg.mode == "generate":
+                    stream = backend.generate(examples, scoring, generation)
+                else:
+                    stream = backend.score(examples, scoring)
+                results = []
+                for result in stream:
+                    results.append(result)
+                    progress.update(1, result.num_targets)
+                progress.update(len(skipped), 0)
+                if writer is None:
+                    write_shard(out, index, results, cfg.top_k, skipped=skipped, zstd_level=cfg.zstd_level)
+                    continue
+                if writing is not None:
+                    writing.result()  # a failed write (disk full) stops the run here, one shard late at most
+                writing = writer.submit(write_shard, out, index, results, cfg.top_k, skipped=skipped,
+                                        zstd_level=cfg.zstd_level)
+            if writing is not None:
+                writing.result()
     finally:
+        if writer is not None:
+            writer.shutdown(wait=True)  # a shard being written when the run fails is finished, not lost
+        if isinstance(shards, _Prefetch):
+            shards.close()
         progress.close()
         if backend is not None:
             backend.close()
