@@ -112,8 +112,8 @@ def analyze(cache_dir: Path) -> dict:
         if k:
             table = pf.read(columns=["topk_code_b0", "topk_code_b1", "topk_code_b2", "topk_lpq_b0", "topk_lpq_b1"])
             batches = table.to_batches()
-            codes = np.concatenate([_planes(b, ("topk_code_b0", "topk_code_b1", "topk_code_b2")) for b in batches])
-            gaps = np.concatenate([_planes(b, ("topk_lpq_b0", "topk_lpq_b1")) for b in batches])
+            codes = np.concatenate([_planes(b, ("topk_code_b0", "topk_code_b1", "topk_code_b2")) for b in batches]).astype(np.int64)
+            gaps = np.concatenate([_planes(b, ("topk_lpq_b0", "topk_lpq_b1")) for b in batches]).astype(np.int64)
             floor_codes += entropy_bytes(codes)
             floor_gaps += entropy_bytes(gaps)
             rank = np.tile(np.arange(k, dtype=np.int64), codes.shape[0] // k)

@@ -87,13 +87,19 @@ def _plane(batch, name: str) -> np.ndarray:
 
 
 def _planes(batch, names: tuple[str, ...]) -> np.ndarray:
-    """Reassemble little-endian integers from byte planes; missing high planes are zero. int64."""
-    out = _plane(batch, names[0]).astype(np.int64)
-    for shift, name in enumerate(names[1:], start=1):
-        plane = _plane(batch, name)
+    """Reassemble little-endian integers from byte planes; missing high planes are zero.
+
+    Returns uint16 for two planes, uint32 for three (a value's bytes are interleaved into one
+    buffer that is then viewed as the wider type).
+    """
+    planes = [_plane(batch, name) for name in names]
+    n = planes[0].shape[0]
+    width = 2 if len(names) == 2 else 4
+    out = np.zeros((n, width), np.uint8)
+    for b, plane in enumerate(planes):
         if plane.shape[0]:
-            out |= plane.astype(np.int64) << (8 * shift)
-    return out
+            out[:, b] = plane
+    return out.view("<u2" if width == 2 else "<u4").reshape(n)
 
 
 def decode_batch(batch, id_table: np.ndarray, top_k: int) -> Iterator[TeacherScores]:
@@ -108,7 +114,7 @@ def decode_batch(batch, id_table: np.ndarray, top_k: int) -> Iterator[TeacherSco
         codes = _planes(batch, ("topk_code_b0", "topk_code_b1", "topk_code_b2"))
         topk_ids = id_table[codes].astype(np.int32).reshape(-1, top_k)
         gaps = _planes(batch, ("topk_lpq_b0", "topk_lpq_b1")).reshape(-1, top_k)
-        topk_lp = dequantize_logprobs(np.cumsum(gaps, axis=1))
+        topk_lp = dequantize_logprobs(np.cumsum(gaps, axis=1, dtype=np.uint16))  # codes fit: <= 65535
     len_off, lengths = _flat(batch, "sample_lengths")
     has_samples = lengths.shape[0] == positions.shape[0] and lengths.shape[0] > 0
     if has_samples:
