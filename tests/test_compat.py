@@ -120,3 +120,17 @@ def test_tokenizer_saved_in_the_cache_names_the_first_difference_offline(small_c
     (cache / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(KdcacheError, match=r"first difference at id \d+: teacher '.*', student '.*'"):
         check_tokenizer(_other_tokenizer(), load_manifest(cache), cache)
+
+
+def test_eval_refuses_a_loss_the_cache_cannot_feed(small_cache, tiny_llama, capsys):
+    """An explicit --loss is checked as train-student checks it, instead of being dropped."""
+    from kdcache.cli import main
+
+    for args, message in ((["--loss", "tail_rs"], "tail_rs needs tokens drawn from outside the top-k"),
+                          (["--loss", "rs_kd"], "rs_kd needs tokens drawn from the teacher's full distribution"),
+                          (["--max-sequences", "0"], "--max-sequences must be >= 1")):
+        with pytest.raises(SystemExit) as info:
+            main(["eval", "--model", str(tiny_llama), "--cache", str(small_cache), "--device", "cpu", *args])
+        assert info.value.code == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and message in err[0]

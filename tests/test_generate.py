@@ -132,6 +132,10 @@ def test_default_mode_is_the_quality_benchmark_winner(tiny_llama, tmp_path):
     assert ignored_draws_warning("tail_rs", manifest, "c") is None
     warning = ignored_draws_warning("reverse_kl", manifest, "c")
     assert warning is not None and "ignores the draws" in warning and "--top-k 64 --sampling none" in warning
+    # top-k plus full-distribution draws: auto keeps the top-k loss, and says the draws go unused
+    mixed = {**manifest, "sampling": {"mode": "random", "num_samples": 8, "seed": 0, "draws": "systematic"}}
+    assert resolve_loss("auto", mixed) == "tail" and ignored_draws_warning("rs_kd", mixed, "c") is None
+    assert "--loss rs_kd trains on them" in ignored_draws_warning("tail", mixed, "c")
     seqs = list(CacheReader(tmp_path / "c").iter_sequences())
     assert seqs and all(s.topk_ids.shape[1] == 4 for s in seqs)
     for seq in seqs:  # every position holds 8 draws, over one or more ids outside its top-4
@@ -154,6 +158,42 @@ def test_other_settings_and_foreign_directories_are_refused(tiny_llama, tmp_path
     (tmp_path / "other" / "notes.txt").write_text("mine")
     with pytest.raises(KdcacheError, match="not empty and holds no kdcache run"):
         generate_teacher_cache(_cfg(tiny_llama, data, tmp_path / "other"))
+
+
+def test_a_run_that_finished_no_shard_can_start_over_with_fixed_settings(tiny_llama, tmp_path):
+    """The usual fix after a bad first attempt (a flag, a row) is accepted on the same --output,
+    and a worker still running with the old settings stops before recording a shard."""
+    from kdcache.teacher.generate import check_claim
+
+    data = _write_jsonl(tmp_path / "chat.jsonl", _chat_rows(6))
+    out = tmp_path / "c"
+    with pytest.raises(KdcacheError, match="no supervised tokens within max_length=5"):
+        generate_teacher_cache(_cfg(tiny_llama, data, out, max_length=5))
+    old_hash = json.loads((out / "run.json").read_text())["settings_hash"]
+    manifest = generate_teacher_cache(_cfg(tiny_llama, data, out, max_length=64))
+    assert manifest["totals"]["sequences"] == 6
+    assert json.loads((out / "run.json").read_text())["settings"]["max_length"] == 64
+    with pytest.raises(KdcacheError, match="took over this directory"):
+        check_claim(out, old_hash)
+    assert verify_cache(out) == []
+
+
+def test_a_damaged_shard_is_rescored_after_deleting_it_as_the_message_says(tiny_llama, tmp_path):
+    data = _write_jsonl(tmp_path / "text.jsonl", [{"text": CORPUS[i % 6] + f" Row {i}."} for i in range(10)])
+    out = tmp_path / "c"
+    generate_teacher_cache(_cfg(tiny_llama, data, out))
+    reference = _content(out)
+    shard = out / "shards" / "part-00001.parquet"
+    blob = bytearray(shard.read_bytes())
+    blob[2000:2040] = bytes(b ^ 0xFF for b in blob[2000:2040])  # same size, different bytes
+    shard.write_bytes(bytes(blob))
+    problems = verify_cache(out)
+    assert len(problems) == 1 and "part-00001.parquet: checksum mismatch" in problems[0]
+    with pytest.raises(KdcacheError, match="delete it and rerun the same generate-teacher command"):
+        _content(out)
+    shard.unlink()
+    generate_teacher_cache(_cfg(tiny_llama, data, out))
+    assert verify_cache(out) == [] and _content(out) == reference
 
 
 def test_sampling_cache_records_its_draw_scheme(tiny_llama, tmp_path):
@@ -217,7 +257,8 @@ def test_same_run_is_recognized_and_a_mixed_scorer_is_refused(tiny_llama, tmp_pa
     with pytest.raises(KdcacheError, match="context is 2048 positions.*use --max-length 2047"):
         generate_teacher_cache(_cfg(tiny_llama, data, fresh, backend="vllm", max_length=2048))
     assert gen._context_error(_cfg(tiny_llama, data, fresh, backend="hf", max_length=2048), Path(tiny_llama)) is None
-    for bad in (dict(dtype="float33"), dict(mode="generate", temperature=-1.0), dict(mode="generate", top_p=0.0)):
+    for bad in (dict(dtype="float33"), dict(mode="generate", temperature=-1.0), dict(mode="generate", top_p=0.0),
+                dict(temperature=3.0), dict(draws="iid"), dict(num_workers=0)):
         with pytest.raises(KdcacheError):
             _cfg(tiny_llama, data, fresh, **bad).check()
     assert generate_teacher_cache(_cfg(tiny_llama, data, fresh))["totals"]["sequences"] == 8

@@ -472,8 +472,12 @@ def test_student_tail_from_topk_is_stable() -> None:
 def test_validation_errors() -> None:
     with pytest.raises(ValueError, match="unknown KD loss"):
         KDLossConfig(loss="kl")
-    with pytest.raises(ValueError, match="tau == 1"):
+    with pytest.raises(ValueError, match=r"needs tau \(--temperature\) == 1.*a top-k cache"):
         KDLossConfig(loss="rs_kd", tau=2.0)
+    with pytest.raises(ValueError, match="use --loss tail on this cache"):
+        KDLossConfig(loss="tail_rs", tau=2.0)
+    with pytest.raises(ValueError, match=r"ce_weight \(--ce-weight\)"):
+        KDLossConfig(loss="tail", ce_weight=2.0)
     case = make_case()
     no_samples = TeacherTargets(case["targets"].topk_ids, case["targets"].topk_logprobs, case["targets"].tail_logmass)
     with pytest.raises(ValueError, match="sample_ids"):

@@ -475,7 +475,7 @@ def test_output_directory_rules(student_dir, train_cache, tmp_path):
 
     out = tmp_path / "run"
     train_student(config(student_dir, train_cache, out, max_steps=1))
-    with pytest.raises(KdcacheError, match="finished train-student run; pass --resume"):
+    with pytest.raises(KdcacheError, match="finished train-student run; use a new --output, or --overwrite"):
         train_student(config(student_dir, train_cache, out, max_steps=1))
     with pytest.raises(KdcacheError, match="already finished"):
         train_student(config(student_dir, train_cache, out, max_steps=1, resume=True))
@@ -516,7 +516,7 @@ def test_option_errors(student_dir, train_cache, sample_cache, tmp_path):
         train_student(config(student_dir, train_cache, tmp_path / "q2", load_in_4bit=True))
     with pytest.raises(KdcacheError, match="rs_kd needs tokens drawn from the teacher's full distribution"):
         train_student(config(student_dir, train_cache, tmp_path / "rs", loss="rs_kd"))
-    with pytest.raises(KdcacheError, match="jsd_beta|beta must be"):
+    with pytest.raises(KdcacheError, match=r"beta \(--jsd-beta\) must be"):
         train_student(config(student_dir, train_cache, tmp_path / "b", loss="jsd", jsd_beta=2.0))
     with pytest.raises(KdcacheError, match="holds a sequence of .* tokens, more than --micro-batch-tokens 8"):
         train_student(config(student_dir, train_cache, tmp_path / "mb", micro_batch_tokens=8, max_steps=1))
@@ -541,3 +541,16 @@ def test_cli_train_student_with_config(student_dir, train_cache, tmp_path):
     settings = json.loads((out / "run.json").read_text())["settings"]
     assert settings["max_steps"] == 1 and settings["global_batch_size"] == 48 and settings["lr"] == 1e-3
     assert "trained 1 steps" in result.output
+
+
+def test_options_this_run_cannot_use_are_named():
+    from kdcache.student.train import TrainConfig
+
+    quiet = TrainConfig(student="s", cache="c", output="o")
+    assert quiet.ignored_options() == []
+    noisy = TrainConfig(student="s", cache="c", output="o", eval_every=5, best_metric="kl", lora_alpha=64.0)
+    notes = noisy.ignored_options()
+    assert notes[0].startswith("--eval-every, --best-metric have no effect without --eval-cache")
+    assert notes[1].startswith("--lora-alpha has no effect without --lora-r")
+    assert TrainConfig(student="s", cache="c", output="o", eval_every=5, eval_cache="e", lora_r=8,
+                       lora_alpha=64.0).ignored_options() == []

@@ -145,7 +145,10 @@ def load_manifest(cache_dir: str | Path) -> dict:
         raise KdcacheError(f"{path}: invalid JSON ({exc}); rerun generate-teacher to rewrite it") from exc
     validate_manifest(manifest, path)
     if manifest["totals"]["sequences"] == 0:
-        raise KdcacheError(f"{path}: the cache is empty (0 sequences); check the dataset given to generate-teacher")
+        skipped = [row for shard in manifest["shards"] for row in shard.get("skipped", [])]
+        why = (f"; all {len(skipped)} input rows were skipped as bad, e.g. {skipped[0]['source']}: {skipped[0]['reason']}"
+               if skipped else "")
+        raise KdcacheError(f"{path}: the cache is empty (0 sequences{why}); check the dataset given to generate-teacher")
     return manifest
 
 

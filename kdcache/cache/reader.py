@@ -24,14 +24,16 @@ def decode_id_table(blob: bytes) -> np.ndarray:
     return np.cumsum(deltas, dtype=np.int64)
 
 
+REPAIR_HINT = "copy the shard again, or delete it and rerun the same generate-teacher command to rescore it"
+
+
 def _check_shard_meta(path: Path, meta: dict[bytes, bytes] | None) -> None:
     if not meta or fmt.META_VERSION not in meta:
         raise KdcacheError(f"{path}: not a kdcache shard (no format version in its footer)")
     try:
         version = int(meta[fmt.META_VERSION])
     except ValueError:
-        raise KdcacheError(f"{path}: damaged shard footer (format version unreadable); copy the shard again "
-                           "or rerun generate-teacher") from None
+        raise KdcacheError(f"{path}: damaged shard footer (format version unreadable); {REPAIR_HINT}") from None
     if version not in fmt.SUPPORTED_VERSIONS:
         raise fmt.version_error(path, version)
 
@@ -40,8 +42,7 @@ def _footer_id_table(path: Path, meta: dict[bytes, bytes]) -> np.ndarray:
     try:
         return decode_id_table(meta[fmt.META_ID_TABLE])
     except Exception as exc:  # KeyError, base64/zstd errors, bad shapes: all mean a damaged footer
-        raise KdcacheError(f"{path}: damaged shard footer (id table unreadable: {first_line(exc)}); copy the shard "
-                           "again or rerun generate-teacher") from None
+        raise KdcacheError(f"{path}: damaged shard footer (id table unreadable: {first_line(exc)}); {REPAIR_HINT}") from None
 
 
 #: (path, size, mtime_ns) of shard files whose sha256 matched the manifest in this process.
@@ -62,8 +63,7 @@ def check_shard_checksum(path: Path, expected_sha256: str) -> None:
         return
     if file_sha256(path) != expected_sha256:
         raise KdcacheError(
-            f"{path}: checksum differs from the manifest (damaged or changed since generate-teacher); "
-            "copy the shard again or rerun generate-teacher"
+            f"{path}: checksum differs from the manifest (damaged or changed since generate-teacher); {REPAIR_HINT}"
         )
     _VERIFIED.add(key)
 
@@ -184,11 +184,12 @@ class CacheReader:
     def open_shard(self, shard: dict) -> tuple[pq.ParquetFile, np.ndarray]:
         path = self.shard_path(shard)
         if not path.exists():
-            raise KdcacheError(f"{path}: shard listed in the manifest is missing; copy it again or rerun generate-teacher")
+            raise KdcacheError(f"{path}: shard listed in the manifest is missing; copy it again, or rerun the same "
+                               "generate-teacher command to rescore it")
         if path.stat().st_size != shard["bytes"]:
             raise KdcacheError(
                 f"{path}: size {path.stat().st_size} differs from the manifest's {shard['bytes']} (damaged or "
-                "truncated copy); run `kdcache verify` and copy the shard again"
+                f"truncated copy); {REPAIR_HINT}"
             )
         check_shard_checksum(path, shard["sha256"])
         try:

@@ -30,6 +30,7 @@ def verify(cache_dir: str) -> None:
     for problem in problems:
         click.echo(f"DAMAGED {problem}", err=True)
     if problems:
-        click.echo(f"kdcache: verify failed: {len(problems)} problem(s); regenerate or re-copy the named shards", err=True)
+        click.echo(f"kdcache: verify failed: {len(problems)} problem(s); copy the named shards again, or delete them and "
+                   "rerun the same generate-teacher command to rescore them", err=True)
         sys.exit(1)
     click.echo(f"OK {cache_dir}: all shards match the manifest")

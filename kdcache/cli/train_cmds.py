@@ -40,7 +40,7 @@ def _loss_options(func):
                           "tail (= forward KL on top-k + tail bucket), forward_kl, reverse_kl, jsd, skew_forward, "
                           "skew_reverse, tv, akl, topk_renorm (biased, for comparison), rs_kd (needs a --sampling random "
                           "cache), tail_rs (exact top-k + tail bucket, the tail's shape from a --sampling tail cache)."),
-        click.option("--temperature", type=float, default=1.0, show_default=True, help="Distillation temperature (KD term x T^2)."),
+        click.option("--temperature", type=float, default=1.0, show_default=True, help="Distillation temperature (KD term x T^2); tail_rs and rs_kd (the default losses of sampling caches) need 1."),
         click.option("--jsd-beta", type=float, default=0.5, show_default=True, help="--loss jsd: mixture weight (0 = forward KL, 1 = reverse KL)."),
         click.option("--skew-alpha", type=float, default=0.1, show_default=True, help="--loss skew_forward/skew_reverse: skew in [0, 1)."),
         click.option("--akl-mu", type=float, default=0.5, show_default=True, help="--loss akl: head/tail threshold on cumulative teacher mass."),
@@ -123,7 +123,8 @@ def train_student(**options) -> None:
     best = ""
     if summary.get("best_step") is not None:
         best = f"; best eval {summary['best_metric']} {summary['best_value']:.4f} at step {summary['best_step']}"
-    click.echo(f"trained {summary['steps']} steps on {summary['supervised_tokens']:,} supervised tokens{best}")
+    click.echo(f"trained {summary['steps']} steps with --loss {summary['loss']} on {summary['supervised_tokens']:,} "
+               f"supervised tokens{best}")
     click.echo(f"model: {summary['model']}" + (f"  adapter: {summary['adapter']}" if summary.get("adapter") else ""))
 
 
@@ -143,17 +144,26 @@ def eval_cmd(model: str, cache: str, as_json: bool, max_sequences: int | None, l
              device: str, dtype: str, autocast: str, attn_implementation: str, progress: bool) -> None:
     """KL to the teacher (top-k + tail bucket), CE and perplexity of MODEL on CACHE.
 
-    Also the teacher's own CE/perplexity, top-1 agreement, and `loss` (the --loss objective).
+    Also the teacher's own CE/perplexity, top-1 agreement, and `loss` (the --loss objective;
+    for tail_rs and rs_kd a sample estimate biased upward at small N, not a KL; rs_kd adds
+    rs_kl, its KL estimate). kl covers the top-k ids plus one bucket: a lower bound of the
+    full-vocabulary KL, loose at small k. See the README's stage-two section.
     """
     from kdcache.cache.manifest import load_manifest
     from kdcache.errors import KdcacheError
-    from kdcache.student.compat import resolve_loss
+    from kdcache.student.compat import check_loss_needs, ignored_draws_warning, resolve_loss
     from kdcache.student.evaluate import evaluate_model, format_metrics
     from kdcache.student.losses import KDLossConfig
 
     if not progress:
         _quiet_transformers()
-    loss = resolve_loss(loss, load_manifest(cache))
+    if max_sequences is not None and max_sequences < 1:
+        raise KdcacheError(f"--max-sequences must be >= 1, got {max_sequences}")
+    manifest = load_manifest(cache)
+    loss = resolve_loss(loss, manifest)
+    check_loss_needs(loss, manifest, cache)
+    if (warning := ignored_draws_warning(loss, manifest, cache)) is not None:
+        click.echo(f"kdcache: warning: {warning}", err=True)
 
     try:
         loss_config = KDLossConfig(loss=loss, tau=temperature, beta=jsd_beta, alpha=skew_alpha, akl_mu=akl_mu,

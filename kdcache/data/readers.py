@@ -54,7 +54,7 @@ def parse_json_line(line: bytes, source: str) -> dict[str, Any] | BadRowError | 
     except UnicodeDecodeError:
         return BadRowError(source, "line is not valid UTF-8")
     except json.JSONDecodeError as exc:
-        return BadRowError(source, f"malformed JSON ({exc.msg} at column {exc.colno})")
+        return BadRowError(source, f"malformed JSON ({exc.msg.removesuffix(' at')}, column {exc.colno})")
     except RecursionError:
         return BadRowError(source, "malformed JSON (nested too deeply)")
     if not isinstance(obj, dict):

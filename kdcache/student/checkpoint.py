@@ -113,9 +113,10 @@ def claim_output(out: Path, settings: dict, *, resume: bool, overwrite: bool) ->
         existing = None
     if existing is not None:
         if not resume:
-            what = "a finished" if (out / COMPLETE_FILE).exists() else "an unfinished"
+            if (out / COMPLETE_FILE).exists():
+                raise KdcacheError(f"{out}: holds a finished train-student run; use a new --output, or --overwrite to retrain")
             raise KdcacheError(
-                f"{out}: holds {what} train-student run; pass --resume to continue it or --overwrite to start over"
+                f"{out}: holds an unfinished train-student run; pass --resume to continue it or --overwrite to start over"
             )
         if existing.get("settings_hash") != payload["settings_hash"]:
             diffs = changed_keys(existing.get("settings", {}), settings)

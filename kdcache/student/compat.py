@@ -159,12 +159,16 @@ def resolve_loss(loss: str, manifest: dict) -> str:
 
 
 def ignored_draws_warning(loss: str, manifest: dict, cache_dir: str | Path) -> str | None:
-    """A warning when ``loss`` leaves a cache's tail draws unused and sees only the top-k and the tail bucket."""
-    if sampling_mode(manifest) != "tail" or loss == "tail_rs":
-        return None
-    return (f"{cache_dir} holds top-{manifest['top_k']} plus draws from outside it; --loss {loss} ignores the draws "
-            f"and sees only the top-{manifest['top_k']} and one tail bucket (--loss tail_rs uses them; for {loss} "
-            "make the cache with --top-k 64 --sampling none)")
+    """A warning when ``loss`` leaves a cache's draws unused (it then sees only the top-k and the tail bucket)."""
+    mode, k = sampling_mode(manifest), manifest["top_k"]
+    if mode == "tail" and loss != "tail_rs":
+        return (f"{cache_dir} holds top-{k} plus draws from outside it; --loss {loss} ignores the draws "
+                f"and sees only the top-{k} and one tail bucket (--loss tail_rs uses them; for {loss} "
+                "make the cache with --top-k 64 --sampling none)")
+    if mode == "random" and int(k) > 0 and loss != "rs_kd":
+        return (f"{cache_dir} holds top-{k} plus {manifest['sampling']['num_samples']} draws from the full distribution; "
+                f"--loss {loss} ignores the draws (--loss rs_kd trains on them instead of the top-{k})")
+    return None
 
 
 def check_loss_needs(loss: str, manifest: dict, cache_dir: str | Path) -> None:

@@ -150,7 +150,7 @@ def pack_sequences(seqs: list[TeacherScores], max_tokens: int) -> list[list[Teac
         if n > max_tokens:
             raise KdcacheError(
                 f"{seqs[i].source}: sequence needs {n} tokens, more than --micro-batch-tokens {max_tokens}; "
-                "raise --micro-batch-tokens (with --gradient-checkpointing if memory is short)"
+                "raise --micro-batch-tokens (when training, with --gradient-checkpointing if memory is short)"
             )
         for b, free in enumerate(room):
             if n <= free:

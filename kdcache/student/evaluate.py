@@ -9,7 +9,9 @@ Metrics (means over the cache's supervised tokens):
 * ``teacher_ce`` / ``teacher_ppl``: the same for the teacher (from the cached log-probs).
 * ``top1_agree``: fraction of positions where the student's argmax is the teacher's top-1.
 * ``loss``: the training objective (``--loss`` with its parameters and ``--ce-weight``),
-  when a loss configuration is given and the cache has what it needs.
+  when a loss configuration is given and the cache has what it needs. For the sample losses
+  (``tail_rs``, ``rs_kd``) it is a sample estimate biased upward at small N, not a KL.
+* ``rs_kl``: with ``rs_kd``, its estimate of the full-vocabulary KL.
 * ``tokens`` / ``sequences``: how much was evaluated.
 
 Logits are computed a chunk of positions at a time (never for a whole micro-batch).
@@ -68,7 +70,7 @@ def evaluate(
     loss_config: KDLossConfig | None = None,
     max_sequences: int | None = None,
     progress: bool = False,
-) -> dict[str, float]:
+) -> dict[str, float | int]:
     """Metrics of ``model`` on ``cache`` (see the module docstring); restores train mode after.
 
     Args:
@@ -137,7 +139,7 @@ def evaluate(
         model.train(was_training)
     if tokens == 0:
         raise KdcacheError(f"{reader.path}: no supervised tokens to evaluate")
-    out: dict[str, float] = {}
+    out: dict[str, float | int] = {}
     if want_loss:
         out["loss"] = sums["loss"] / tokens
     if reader.top_k > 0:
@@ -150,8 +152,8 @@ def evaluate(
     out["teacher_ppl"] = math.exp(min(out["teacher_ce"], 700.0))
     if want_loss and loss_config.loss == "rs_kd":
         out["rs_kl"] = sums["rs_kl"] / tokens
-    out["tokens"] = float(tokens)
-    out["sequences"] = float(sequences)
+    out["tokens"] = int(tokens)
+    out["sequences"] = int(sequences)
     return out
 
 

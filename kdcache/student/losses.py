@@ -149,18 +149,20 @@ class KDLossConfig:
         if self.loss not in LOSS_NAMES:
             raise ValueError(f"unknown KD loss {self.loss!r}; choose one of {', '.join(LOSS_NAMES)}")
         if not self.tau > 0:
-            raise ValueError(f"tau must be > 0, got {self.tau}")
+            raise ValueError(f"tau (--temperature) must be > 0, got {self.tau}")
         if not 0.0 <= self.beta <= 1.0:
-            raise ValueError(f"beta must be in [0, 1], got {self.beta}")
+            raise ValueError(f"beta (--jsd-beta) must be in [0, 1], got {self.beta}")
         if not 0.0 <= self.alpha < 1.0:
-            raise ValueError(f"alpha must be in [0, 1), got {self.alpha}")
+            raise ValueError(f"alpha (--skew-alpha) must be in [0, 1), got {self.alpha}")
         if not 0.0 < self.akl_mu < 1.0:
-            raise ValueError(f"akl_mu must be in (0, 1), got {self.akl_mu}")
+            raise ValueError(f"akl_mu (--akl-mu) must be in (0, 1), got {self.akl_mu}")
         if not 0.0 <= self.ce_weight <= 1.0:
-            raise ValueError(f"ce_weight must be in [0, 1], got {self.ce_weight}")
+            raise ValueError(f"ce_weight (--ce-weight) must be in [0, 1], got {self.ce_weight}")
         if self.loss in SAMPLE_LOSSES and self.tau != 1.0:
-            raise ValueError(f"{self.loss} needs tau == 1: the cached samples were drawn at temperature 1 (for another "
-                             "temperature use --loss tail, or a cache made with --top-k 64 --sampling none)")
+            way_out = ("--loss tail on this cache" if self.loss == "tail_rs"
+                       else "a top-k cache (--top-k 64 --sampling none) with --loss tail")
+            raise ValueError(f"{self.loss} needs tau (--temperature) == 1: the cached samples were drawn at temperature 1 "
+                             f"(for another temperature use {way_out})")
 
     @property
     def needs_topk(self) -> bool:

@@ -189,6 +189,20 @@ class TrainConfig:
         if self.resume and self.overwrite:
             raise KdcacheError("--resume and --overwrite exclude each other")
 
+    def ignored_options(self) -> list[str]:
+        """Warnings for options set away from their defaults that this run cannot use."""
+        defaults = type(self)(student="", cache="", output="")
+        notes = []
+        eval_only = [f"--{name.replace('_', '-')}" for name in ("eval_every", "eval_sequences", "best_metric")
+                     if getattr(self, name) != getattr(defaults, name)]
+        if eval_only and not self.eval_cache:
+            notes.append(f"{', '.join(eval_only)} {'has' if len(eval_only) == 1 else 'have'} no effect without --eval-cache (the final model is the last step's)")
+        lora_only = [f"--{name.replace('_', '-')}" for name in ("lora_alpha", "lora_dropout", "lora_targets")
+                     if getattr(self, name) != getattr(defaults, name)]
+        if lora_only and not self.lora_r:
+            notes.append(f"{', '.join(lora_only)} {'has' if len(lora_only) == 1 else 'have'} no effect without --lora-r (this run fine-tunes every weight)")
+        return notes
+
 
 # ------------------------------------------------------------------------------ pieces
 
@@ -343,8 +357,7 @@ def train_student(cfg: TrainConfig, *, on_step: Callable[[int, dict], None] | No
     loss_config = cfg.loss_config()
     check_loss_needs(cfg.loss, reader.manifest, cfg.cache)
     draws_warning = ignored_draws_warning(cfg.loss, reader.manifest, cfg.cache)
-    if draws_warning:
-        _warn([draws_warning])
+    _warn(([draws_warning] if draws_warning else []) + cfg.ignored_options())
     eval_reader = CacheReader(cfg.eval_cache) if cfg.eval_cache else None
     best_metric = cfg.best_metric
     if eval_reader is not None:
@@ -489,6 +502,7 @@ def train_student(cfg: TrainConfig, *, on_step: Callable[[int, dict], None] | No
     except Exception as exc:  # noqa: BLE001 - a plot must never fail a finished run
         _warn([f"could not draw loss_curves.png ({type(exc).__name__}: {exc})"])
     summary = {
+        "loss": cfg.loss,
         "steps": state.step,
         "sequences": state.sequences,
         "supervised_tokens": state.tokens,

@@ -90,12 +90,19 @@ class GenerateConfig:
             raise KdcacheError("--samples must be between 1 and 65535")
         if self.draws not in DRAW_SCHEMES:
             raise KdcacheError(f"--draws must be 'systematic' or 'iid', got {self.draws!r}")
+        if self.num_workers < 1:
+            raise KdcacheError(f"--num-workers must be >= 1, got {self.num_workers}")
         if not 0 <= self.worker_index < self.num_workers:
             raise KdcacheError(f"--worker-index must be in [0, {self.num_workers}), got {self.worker_index}")
         if self.shard_size < 1 or self.max_length < 2:
             raise KdcacheError("--shard-size must be >= 1 and --max-length >= 2")
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise KdcacheError(f"--dtype {self.dtype!r}: use auto, float32, bfloat16 or float16")
+        if self.sampling == "none" and self.draws != "systematic":
+            raise KdcacheError(f"--draws {self.draws} places the draws of --sampling random or tail; this run stores none")
+        if self.mode == "score" and (self.temperature != 1.0 or self.top_p != 1.0):
+            raise KdcacheError("--temperature and --top-p shape the responses of --mode generate; scoring always stores "
+                               "the teacher's temperature-1 log-probs (the student's --temperature sets the KD temperature)")
         if self.mode == "generate":
             if self.temperature < 0 or not 0 < self.top_p <= 1 or self.max_new_tokens < 1:
                 raise KdcacheError("--mode generate needs --temperature >= 0 (0 = greedy), --top-p in (0, 1] "
@@ -149,8 +156,21 @@ def _create_once(path: Path, payload: dict) -> None:
         tmp.unlink(missing_ok=True)
 
 
+def _has_finished_work(out: Path) -> bool:
+    """Whether any shard (or worker) of the run in ``out`` has finished."""
+    shard_records = (out / fmt.SHARD_DIR).glob(fmt.SHARD_RECORD_PATTERN.replace("{index:05d}", "*"))
+    return any(True for _ in shard_records) or any(True for _ in (out / WORKERS_DIR).glob("worker-*.json"))
+
+
 def claim_directory(out: Path, settings: dict) -> None:
-    """Record the run's settings in ``run.json``, or refuse a directory made with other settings."""
+    """Record the run's settings in ``run.json``, or refuse a directory made with other settings.
+
+    A run that stopped before finishing any shard (a bad row, a wrong flag) holds nothing to
+    keep: its directory is claimed afresh with the new settings. A worker of the old settings
+    still running there stops before recording a shard (:func:`check_claim`).
+    """
+    import shutil
+
     out.mkdir(parents=True, exist_ok=True)
     run_path = out / fmt.RUN_NAME
     payload = {"settings_hash": _hash(settings), "settings": settings, "tool_version": __version__}
@@ -161,12 +181,30 @@ def claim_directory(out: Path, settings: dict) -> None:
             raise KdcacheError(f"{out}: directory is not empty and holds no kdcache run; choose an empty --output")
         _create_once(run_path, payload)
     existing = json.loads(run_path.read_text())
-    if existing.get("settings_hash") != payload["settings_hash"]:
-        diffs = changed_keys(existing.get("settings", {}), settings)
+    if existing.get("settings_hash") == payload["settings_hash"]:
+        return
+    diffs = changed_keys(existing.get("settings", {}), settings)
+    if _has_finished_work(out):
         raise KdcacheError(
             f"{out}: holds a cache made with different settings ({', '.join(diffs)} differ); "
             "use a new --output directory or rerun with the original settings"
         )
+    print(f"kdcache: {out} held an unfinished run with other settings ({', '.join(diffs)} differ) and no finished "
+          "shard; starting over with these settings", file=sys.stderr)
+    for stale in (out / SCORER_NAME, out / fmt.SHARD_DIR, out / TOKENIZER_DIR):
+        if stale.is_dir():
+            shutil.rmtree(stale, ignore_errors=True)
+        else:
+            stale.unlink(missing_ok=True)
+    write_json_atomic(run_path, payload)
+
+
+def check_claim(out: Path, settings_hash: str) -> None:
+    """Stop before recording a shard if the directory was claimed by a run with other settings."""
+    existing = json.loads((out / fmt.RUN_NAME).read_text())
+    if existing.get("settings_hash") != settings_hash:
+        raise KdcacheError(f"{out}: another generate-teacher run took over this directory with other settings; "
+                           "this run stops (its shards would mix with theirs)")
 
 
 SCORER_NAME = "scorer.json"
@@ -434,6 +472,7 @@ def generate_teacher_cache(cfg: GenerateConfig) -> dict | None:
         teacher_info["quantization"] = cfg.quantization
     settings = _content_settings(cfg, teacher_info, tokenizer_fingerprint(tokenizer), dataset_info)
     claim_directory(out, settings)
+    settings_hash = _hash(settings)
     save_tokenizer(out, tokenizer)
 
     # Pass 1 (cheap, no tokenization): how many rows, hence shards, does this worker own?
@@ -491,6 +530,7 @@ def generate_teacher_cache(cfg: GenerateConfig) -> dict | None:
                     results.append(result)
                     progress.update(1, result.num_targets)
                 progress.update(len(skipped), 0)
+                check_claim(out, settings_hash)
                 if writer is None:
                     write_shard(out, index, results, cfg.top_k, skipped=skipped, zstd_level=cfg.zstd_level)
                     continue
