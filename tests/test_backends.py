@@ -390,6 +390,30 @@ def test_make_backend_auto_falls_back_to_hf(tiny_llama, monkeypatch, caplog):
     assert "\n" not in str(info.value) and str(tiny_llama) in str(info.value)
 
 
+def test_auto_draws_with_transformers_unless_the_teacher_needs_vllm(tiny_llama, monkeypatch, caplog):
+    """A sampling run (full vocabulary rows) under --backend auto never starts vLLM for a plain
+    checkpoint; a quantized or tensor-parallel teacher still goes to vLLM."""
+    import kdcache.teacher.vllm_backend as vb
+    from kdcache.teacher.loading import make_backend
+
+    started = []
+
+    def record(*args, **kwargs):
+        started.append(kwargs)
+        raise RuntimeError("engine not available in this test")
+
+    monkeypatch.setattr(vb, "VLLMBackend", record)
+    with caplog.at_level("WARNING", logger="kdcache"):
+        backend = make_backend("auto", tiny_llama, dtype="float32", full_rows=True)
+    assert backend.name == "hf" and started == []
+    assert any("draws the sampled tokens where the logits are" in r.getMessage() for r in caplog.records)
+    for options in ({"tensor_parallel_size": 2}, {"quantization": "awq"}):
+        make_backend("auto", tiny_llama, dtype="float32", full_rows=True, **options)  # falls back after trying
+    assert [sorted(set(o) - {"dtype"}) for o in started] == [["tensor_parallel_size"], ["quantization"]]
+    make_backend("auto", tiny_llama, dtype="float32")  # top-k only: vLLM first, as before
+    assert len(started) == 3
+
+
 # ------------------------------------------------------------------- tiny Llama (vLLM)
 
 

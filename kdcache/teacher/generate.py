@@ -235,12 +235,15 @@ def _context_error(cfg: GenerateConfig, teacher_path: Path) -> KdcacheError | No
         return None
     if cfg.backend == "auto" and importlib.util.find_spec("vllm") is None:
         return None  # auto will use transformers, which needs only L positions
-    from kdcache.teacher.loading import read_config
+    from kdcache.teacher.loading import auto_prefers_hf, quantization_method, read_config
 
     try:
         config = read_config(teacher_path)
     except KdcacheError:
         return None  # the backend reports an unloadable config itself
+    options = {"quantization": cfg.quantization, "tensor_parallel_size": cfg.tensor_parallel_size}
+    if cfg.backend == "auto" and auto_prefers_hf(cfg.sampling != "none", quantization_method(config), options):
+        return None  # auto will use transformers
     config = config.get("text_config") or config
     context = next((v for name in ("max_position_embeddings", "n_positions", "max_seq_len")
                     if isinstance(v := config.get(name), int)), None)
@@ -513,7 +516,8 @@ def generate_teacher_cache(cfg: GenerateConfig) -> dict | None:
         # and before any helper thread starts, since vLLM may fork its engine process.
         first = next(shards, None)
         if first is not None:
-            backend = make_backend(backend_name, teacher, dtype=cfg.dtype, **_engine_options(cfg))
+            backend = make_backend(backend_name, teacher, dtype=cfg.dtype, full_rows=scoring.num_samples > 0,
+                                   **_engine_options(cfg))
             teacher_info["dtype_loaded"] = getattr(backend, "dtype", cfg.dtype)
             teacher_info["backend_used"] = backend.name
             claim_scorer(out, {k: str(teacher_info[k]) for k in ("backend_used", "dtype_loaded")})

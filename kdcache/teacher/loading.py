@@ -241,16 +241,31 @@ def resolve_dtype(dtype: str, on_cpu: bool, quantization: str | None) -> str:
     return "auto" if ("avx512_bf16" in flags or "amx_bf16" in flags) else "float32"
 
 
+def auto_prefers_hf(full_rows: bool, quantization: str | None, engine_options: dict[str, Any]) -> bool:
+    """Whether ``--backend auto`` uses transformers for a run that draws tokens (``full_rows``):
+    yes unless the teacher needs vLLM (a quantized checkpoint or tensor parallelism)."""
+    needs_vllm = bool(quantization or engine_options.get("quantization")
+                      or (engine_options.get("tensor_parallel_size") or 1) > 1)
+    return full_rows and not needs_vllm
+
+
 def make_backend(
-    name: str, teacher_dir: ResolvedTeacher | str | Path, dtype: str = "auto", **engine_options: Any
+    name: str, teacher_dir: ResolvedTeacher | str | Path, dtype: str = "auto", *, full_rows: bool = False,
+    **engine_options: Any,
 ) -> TeacherBackend:
     """Build a teacher backend.
 
     Args:
         name: ``"vllm"``, ``"hf"`` or ``"auto"`` (vLLM when importable and the engine starts,
-            else transformers, with a one-line warning).
+            else transformers, with a one-line warning; see ``full_rows``).
         teacher_dir: a local HF directory or a ``ResolvedTeacher``.
         dtype: ``"auto"`` (the checkpoint's), ``"float32"``, ``"bfloat16"``, ``"float16"``.
+        full_rows: the run draws tokens from the teacher's distribution (``--sampling random``
+            or ``tail``). vLLM can only hand those over as whole vocabulary rows, which the
+            host turns into draws at a few hundred tokens/s (``benchmarks/bench_full_rows.py``),
+            while transformers draws where the logits are; so ``"auto"`` then picks
+            transformers, unless the teacher needs vLLM (a quantized checkpoint, or
+            ``tensor_parallel_size > 1``).
         engine_options: vLLM engine options (``quantization``, ``tensor_parallel_size``,
             ``gpu_memory_utilization``, ``max_num_batched_tokens``, ``max_model_len``,
             ``enforce_eager``, ...); options the HF backend does not know are dropped for it.
@@ -258,6 +273,10 @@ def make_backend(
     teacher = teacher_dir if isinstance(teacher_dir, ResolvedTeacher) else resolve_local(teacher_dir)
     if name not in ("vllm", "hf", "auto"):
         raise KdcacheError(f"unknown teacher backend '{name}' (use vllm, hf or auto)")
+    if name == "auto" and auto_prefers_hf(full_rows, teacher.quantization, engine_options):
+        logger.warning("using the transformers backend: it draws the sampled tokens where the logits are, while vLLM "
+                       "hands over whole vocabulary rows (pass --backend vllm to use it anyway)")
+        name = "hf"
     if name in ("vllm", "auto"):
         try:
             from kdcache.teacher.vllm_backend import VLLMBackend

@@ -177,6 +177,12 @@ class VLLMBackend(TeacherBackend):
             self._check_length(ex)
         k = settings.top_k
         if settings.num_samples > 0:
+            if not getattr(self, "_warned_full_rows", False):
+                self._warned_full_rows = True
+                logger.warning(
+                    "vLLM hands sampled runs whole vocabulary rows (%d per token), which the host turns into draws at "
+                    "a few hundred tokens/s per core (benchmarks/bench_full_rows.py); --backend hf draws where the "
+                    "logits are", self.model_vocab_rows)
             requested, width = -1, self.model_vocab_rows + 1
         else:
             requested = k + min(self.num_padded, PAD_MARGIN) if k else 0
@@ -350,14 +356,32 @@ class VLLMBackend(TeacherBackend):
         scores = self._assemble(ex, input_ids, positions, ids[rows, 0], ids[rows, 1:], lps[rows, 0],
                                 lps[rows, 1:], k)
         assert scores is not None  # every real id is among the candidates
-        dense = np.full((len(rows), self.model_vocab_rows), -np.inf, dtype=np.float32)
-        np.put_along_axis(dense, ids[rows, 1:].astype(np.int64), lps[rows, 1:], axis=1)
-        offsets, sample_ids, counts = draw_counts(
-            sequence_rng(settings.seed, ex.seq_id), dense[:, : self.vocab_size], settings.num_samples,
-            scores.topk_ids if settings.sample_tail else None, settings.draws,
+        scores.sample_offsets, scores.sample_ids, scores.sample_counts = draws_from_rows(
+            ids[rows, 1:], lps[rows, 1:], self.model_vocab_rows, self.vocab_size, settings,
+            sequence_rng(settings.seed, ex.seq_id), scores.topk_ids,
         )
-        scores.sample_offsets, scores.sample_ids, scores.sample_counts = offsets, sample_ids, counts
         return scores
+
+
+def draws_from_rows(
+    ids: np.ndarray, lps: np.ndarray, model_rows: int, vocab_size: int, settings: ScoringSettings,
+    rng: np.random.Generator, topk_ids: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The draws of ``R`` positions from vLLM's full-vocabulary rows, on the host.
+
+    Args:
+        ids, lps: ``[R, model_rows]`` every logit row's id and log-prob, in vLLM's rank order.
+        model_rows: the model's logit rows; ids ``>= vocab_size`` (padding) are never drawn.
+        topk_ids: ``[R, k]`` the positions' top-k, excluded with ``settings.sample_tail``.
+
+    Returns :func:`kdcache.teacher.sampling.draw_counts`'s ``(offsets, ids, counts)``. The
+    rows are scattered into id order first, since the draws walk the CDF in id order; at
+    ``V`` ids per row this costs O(V) per position (``benchmarks/bench_full_rows.py``).
+    """
+    dense = np.full((ids.shape[0], model_rows), -np.inf, dtype=np.float32)
+    np.put_along_axis(dense, ids.astype(np.int64), lps, axis=1)
+    return draw_counts(rng, dense[:, :vocab_size], settings.num_samples,
+                       topk_ids if settings.sample_tail else None, settings.draws)
 
 
 def _flat_rows(flat: Any, num_rows: int, first_position: int) -> tuple[np.ndarray, np.ndarray]:
