@@ -9,7 +9,7 @@ The gain depends on how fast the teacher is next to the host work (about 2 us pe
 write a top-64 shard on one core, plus tokenizing). A GPU teacher is the case that matters;
 on a CPU-only machine the benchmark stands one in by pinning the teacher's torch to one
 thread (one core), leaving the other core to the host threads, and by using a small
-random-init Llama (``--hidden``, ``--layers``) whose speed is set to GPU-like tokens/s.
+random-init Llama (``--hidden``, ``--layers``, about 15k tokens/s by default).
 
     python benchmarks/bench_overlap.py                    # 1500 texts, top-64, 3 rounds
     python benchmarks/bench_overlap.py --top-k 4 --sampling tail --samples 8
