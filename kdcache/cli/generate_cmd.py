@@ -20,7 +20,7 @@ def _load_config(ctx: click.Context, _param: click.Parameter, value: str | None)
 @click.option("--teacher", required=True, help="HF model directory or hub id, a .gguf file, or an AWQ/GPTQ checkpoint.")
 @click.option("--dataset", required=True, help="JSONL, .jsonl.zst, Parquet, a directory/glob of them, a `datasets` save_to_disk directory, or a hub dataset name.")
 @click.option("--output", required=True, type=click.Path(file_okay=False), help="Cache directory (created; rerun the same command to resume).")
-@click.option("--backend", type=click.Choice(["auto", "vllm", "hf"]), default="auto", show_default=True, help="vLLM engine or transformers forward; auto prefers vLLM.")
+@click.option("--backend", type=click.Choice(["auto", "vllm", "hf"]), default="auto", show_default=True, help="vLLM engine or transformers forward; auto prefers vLLM, but transformers for --sampling tail/random (vLLM hands draws over as whole vocabulary rows) unless the teacher is quantized or tensor-parallel.")
 @click.option("--top-k", type=int, default=4, show_default=True, help="Top log-probs stored per supervised token (0 with --sampling random stores samples only). The default 4 + tail draws is the quality benchmark's winner; use --top-k 64 --sampling none for temperature != 1 or the other divergences.")
 @click.option("--sampling", type=click.Choice(["none", "random", "tail"]), default="tail", show_default=True,
               help="Also store sampled teacher tokens: random = N draws from the full distribution (Random-Sampling KD); "

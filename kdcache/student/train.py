@@ -193,14 +193,15 @@ class TrainConfig:
         """Warnings for options set away from their defaults that this run cannot use."""
         defaults = type(self)(student="", cache="", output="")
         notes = []
-        eval_only = [f"--{name.replace('_', '-')}" for name in ("eval_every", "eval_sequences", "best_metric")
-                     if getattr(self, name) != getattr(defaults, name)]
-        if eval_only and not self.eval_cache:
-            notes.append(f"{', '.join(eval_only)} {'has' if len(eval_only) == 1 else 'have'} no effect without --eval-cache (the final model is the last step's)")
-        lora_only = [f"--{name.replace('_', '-')}" for name in ("lora_alpha", "lora_dropout", "lora_targets")
-                     if getattr(self, name) != getattr(defaults, name)]
-        if lora_only and not self.lora_r:
-            notes.append(f"{', '.join(lora_only)} {'has' if len(lora_only) == 1 else 'have'} no effect without --lora-r (this run fine-tunes every weight)")
+        for names, enabled, needs in (
+            (("eval_every", "eval_sequences", "best_metric"), self.eval_cache,
+             "--eval-cache (the final model is the last step's)"),
+            (("lora_alpha", "lora_dropout", "lora_targets"), self.lora_r,
+             "--lora-r (this run fine-tunes every weight)"),
+        ):
+            flags = [f"--{n.replace('_', '-')}" for n in names if getattr(self, n) != getattr(defaults, n)]
+            if flags and not enabled:
+                notes.append(f"{', '.join(flags)} {'has' if len(flags) == 1 else 'have'} no effect without {needs}")
         return notes
 
 

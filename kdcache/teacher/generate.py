@@ -15,7 +15,9 @@ import itertools
 import json
 import math
 import os
+import queue
 import sys
+import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -162,8 +164,10 @@ def _has_finished_work(out: Path) -> bool:
     return any(True for _ in shard_records) or any(True for _ in (out / WORKERS_DIR).glob("worker-*.json"))
 
 
-def claim_directory(out: Path, settings: dict) -> None:
+def claim_directory(out: Path, settings: dict) -> str:
     """Record the run's settings in ``run.json``, or refuse a directory made with other settings.
+
+    Returns the settings' hash (what :func:`check_claim` compares with).
 
     A run that stopped before finishing any shard (a bad row, a wrong flag) holds nothing to
     keep: its directory is claimed afresh with the new settings. A worker of the old settings
@@ -182,7 +186,7 @@ def claim_directory(out: Path, settings: dict) -> None:
         _create_once(run_path, payload)
     existing = json.loads(run_path.read_text())
     if existing.get("settings_hash") == payload["settings_hash"]:
-        return
+        return payload["settings_hash"]
     diffs = changed_keys(existing.get("settings", {}), settings)
     if _has_finished_work(out):
         raise KdcacheError(
@@ -197,6 +201,7 @@ def claim_directory(out: Path, settings: dict) -> None:
         else:
             stale.unlink(missing_ok=True)
     write_json_atomic(run_path, payload)
+    return payload["settings_hash"]
 
 
 def check_claim(out: Path, settings_hash: str) -> None:
@@ -383,9 +388,6 @@ class _Prefetch:
     _DONE = object()
 
     def __init__(self, items: Iterator, depth: int = 1) -> None:
-        import queue
-        import threading
-
         self._queue: queue.Queue = queue.Queue(maxsize=depth)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._produce, args=(items,), name="kdcache-prefetch", daemon=True)
@@ -418,7 +420,7 @@ class _Prefetch:
         while self._thread.is_alive():  # unblock a producer waiting on a full queue
             try:
                 self._queue.get(timeout=0.1)
-            except Exception:  # noqa: BLE001 - queue.Empty: the producer is still working on an item
+            except queue.Empty:  # the producer is still working on an item
                 pass
 
 
@@ -474,8 +476,7 @@ def generate_teacher_cache(cfg: GenerateConfig) -> dict | None:
     if cfg.quantization:
         teacher_info["quantization"] = cfg.quantization
     settings = _content_settings(cfg, teacher_info, tokenizer_fingerprint(tokenizer), dataset_info)
-    claim_directory(out, settings)
-    settings_hash = _hash(settings)
+    settings_hash = claim_directory(out, settings)
     save_tokenizer(out, tokenizer)
 
     # Pass 1 (cheap, no tokenization): how many rows, hence shards, does this worker own?

@@ -144,6 +144,7 @@ class VLLMBackend(TeacherBackend):
         self.model_vocab_rows = int(self._llm.llm_engine.model_config.get_vocab_size())
         self.max_model_len = int(self._llm.llm_engine.model_config.max_model_len)
         self.num_padded = max(0, self.model_vocab_rows - self.vocab_size)
+        self._warned_full_rows = False
         self.eos_ids = _eos_ids(self.tokenizer, self.teacher.path)
         # Generation never samples a padded row, so no padded id can enter input_ids.
         self._allowed_ids = list(range(self.vocab_size)) if self.num_padded else None
@@ -177,12 +178,7 @@ class VLLMBackend(TeacherBackend):
             self._check_length(ex)
         k = settings.top_k
         if settings.num_samples > 0:
-            if not getattr(self, "_warned_full_rows", False):
-                self._warned_full_rows = True
-                logger.warning(
-                    "vLLM hands sampled runs whole vocabulary rows (%d per token), which the host turns into draws at "
-                    "a few hundred tokens/s per core (benchmarks/bench_full_rows.py); --backend hf draws where the "
-                    "logits are", self.model_vocab_rows)
+            self._warn_full_rows()
             requested, width = -1, self.model_vocab_rows + 1
         else:
             requested = k + min(self.num_padded, PAD_MARGIN) if k else 0
@@ -217,6 +213,8 @@ class VLLMBackend(TeacherBackend):
 
         validate_request(examples, settings, self.vocab_size)
         full = settings.num_samples > 0
+        if full:
+            self._warn_full_rows()
         k = settings.top_k
         requested = -1 if full else (k + self.num_padded if k else 0)
         params = []
@@ -340,6 +338,15 @@ class VLLMBackend(TeacherBackend):
             scores.topk_ids, scores.topk_logprobs = topk_ids, topk_lps
             scores.tail_logmass = tail_logmass_from_topk(topk_lps)
         return scores
+
+    def _warn_full_rows(self) -> None:
+        """Once per backend: a sampled run pays for whole vocabulary rows on the host."""
+        if not self._warned_full_rows:
+            self._warned_full_rows = True
+            logger.warning(
+                "vLLM hands sampled runs whole vocabulary rows (%d per token), which the host turns into draws at "
+                "a few hundred tokens/s per core (benchmarks/bench_full_rows.py); --backend hf draws where the "
+                "logits are", self.model_vocab_rows)
 
     def _full_vocab_scores(self, ex: TokenizedExample, chunks: Any, settings: ScoringSettings) -> TeacherScores:
         ids, lps = _array_rows(chunks, ex.num_tokens - 1)
