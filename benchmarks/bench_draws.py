@@ -21,7 +21,7 @@ default):
 
 where ``r`` is the distribution the draws come from (``p``, or ``p`` restricted to the
 tail). The same quantities are also estimated from one real set of draws per position by
-``kdcache.teacher.sampling.draw_counts`` (columns ``*_mc``), which checks the code against
+``kdcache.teacher.statistics.position_statistics`` (columns ``*_mc``), which checks the code against
 the formulas. Runs on CPU (transformers, float32); no engine, no training.
 """
 
@@ -67,13 +67,21 @@ def exact_stats(p: np.ndarray, k: int, n: int) -> dict[str, np.ndarray]:
 
 
 def sampled_stats(p: np.ndarray, k: int, n: int, scheme: str, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """One real set of draws per position through ``draw_counts``: ``(||p_hat - p||^2 [R], unique ids [R])``."""
-    from kdcache.teacher.sampling import draw_counts
+    """One real set of draws per position through the cache's statistics function
+    (``kdcache.teacher.statistics.position_statistics``): ``(||p_hat - p||^2 [R], unique ids [R])``."""
+    import torch
+
+    from kdcache.teacher.statistics import StatsSpec, draws_to_counts, position_statistics
 
     with np.errstate(divide="ignore"):
-        logp = np.log(p)
-    exclude = np.argpartition(-p, k - 1, axis=1)[:, :k] if k else None
-    offsets, ids, counts = draw_counts(np.random.default_rng(seed), logp, n, exclude, scheme)
+        logp = torch.from_numpy(np.log(p)).float()
+    rows_ = p.shape[0]
+    spec = StatsSpec(top_k=k, num_samples=n, sample_tail=bool(k), draws=scheme, seed=seed, vocab_size=p.shape[1])
+    block = position_statistics(logp, torch.zeros(rows_, dtype=torch.long), torch.zeros(rows_, dtype=torch.long),
+                                torch.arange(rows_), spec).numpy()
+    parts = spec.layout.split(block)
+    exclude = parts["topk_ids"].astype(np.int64)
+    offsets, ids, counts = draws_to_counts(parts["draws"])
     rows = np.repeat(np.arange(p.shape[0]), np.diff(offsets))
     target = p.copy()
     if k:

@@ -1,10 +1,12 @@
-"""Stage-one throughput: what our conversion costs on top of vLLM, and what the flat path saves.
+"""The prompt-log-prob path (kdcache's fallback for vLLM outside the tested range): what our
+conversion costs on top of vLLM, and what the flat path saves. The in-engine statistics path
+that stage one takes by default is measured by ``bench_engine_stats.py``.
 
 Measures on the same tokenized inputs, in one process and one engine, at top-k 64:
 
   (a) ``engine``: the bare ``llm.generate`` call with the flat fast path (``prompt_logprobs=K,
       flat_logprobs=True, detokenize=False``) -- the ceiling;
-  (b) ``backend``: ``VLLMBackend.score`` end to end, conversion to ``TeacherScores`` included;
+  (b) ``backend``: ``VLLMPromptLogprobsBackend.score`` end to end, conversion to ``TeacherScores`` included;
   (c) ``dict``: the same engine call with ``flat_logprobs=False`` (a ``dict[int, Logprob]`` per
       position), plus the per-entry loop any consumer of that format needs to build arrays
       (``dict_engine`` is the call alone).
@@ -166,7 +168,7 @@ def main() -> None:
     from kdcache.data.example import TokenizedExample
     from kdcache.teacher.base import ScoringSettings
     from kdcache.teacher.loading import resolve_teacher
-    from kdcache.teacher.vllm_backend import PAD_MARGIN, VLLMBackend
+    from kdcache.teacher.vllm_prompt_logprobs import PAD_MARGIN, VLLMPromptLogprobsBackend as VLLMBackend
 
     if args.model is None:
         from kdcache.testing.models import smollm2_gguf_path

@@ -550,3 +550,31 @@ def test_describe(tmp_path):
         "format_forced": False,
         "files": [str(path)],
     }
+
+
+def test_a_row_that_already_begins_with_bos_gets_no_second_one(tok, caplog):
+    """A tokenizer that adds a BOS, and text that already starts with it (an already-rendered
+    chat pasted as text): one BOS, not supervised, and one warning for the run."""
+    import copy
+
+    from tokenizers import processors
+
+    bos_tok = copy.deepcopy(tok)
+    bos_tok.add_special_tokens({"bos_token": "<s>"})
+    bos = bos_tok.bos_token_id
+    bos_tok._tokenizer.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
+                                                                      special_tokens=[("<s>", bos)])
+    plain = one(bos_tok, {"text": "The quick brown fox."})
+    assert plain.input_ids[0] == bos and plain.input_ids[1] != bos
+    rows = [(0, "mem:1", {"text": "<s>The quick brown fox."}), (1, "mem:2", {"text": "<s>Knowledge distillation."}),
+            (2, "mem:3", {"prompt": "<s>Question?", "response": " Answer."})]
+    with caplog.at_level("WARNING", logger="kdcache"):
+        got = list(tokenize_rows(rows[:2], bos_tok, 64, fmt="text"))
+        pair = list(tokenize_rows(rows[2:], bos_tok, 64, fmt="prompt_response", chat_template_for_pairs=False))[0]
+    for ex in got + [pair]:
+        assert ex.input_ids[0] == bos and (ex.input_ids[1:] != bos).all()
+        assert 0 not in ex.target_positions
+    np.testing.assert_array_equal(got[0].input_ids, plain.input_ids)
+    warnings = [r.getMessage() for r in caplog.records if r.name == "kdcache"]
+    assert len([w for w in warnings if "already begin with the tokenizer's BOS" in w]) == 2  # one per run
+    assert "mem:1" in warnings[0]

@@ -24,9 +24,10 @@ class TeacherScores:
         topk_ids: int32 ``[S, k]`` top-k token ids per position, by descending log-prob.
             Ids are always ``< tokenizer vocab size`` (padded logit rows are dropped).
         topk_logprobs: float32 ``[S, k]`` their log-probs (descending along axis 1).
-        tail_logmass: float32 ``[S]`` ``log(1 - sum(exp(topk_logprobs)))``, the mass of
-            everything outside the top-k, computed in float64 from unquantized values;
-            ``-inf`` when the top-k holds all the mass.
+        tail_logmass: float32 ``[S]`` log of the mass of everything outside the top-k,
+            ``logsumexp`` of the other ids' logits minus the normalizer (exact, no
+            cancellation; the prompt-log-prob fallback computes ``log(1 - sum(exp(topk)))``
+            in float64 instead); ``-inf`` when the top-k holds all the mass.
         sample_offsets: int32 ``[S + 1]`` or None; position ``s`` owns
             ``sample_ids[sample_offsets[s]:sample_offsets[s+1]]``.
         sample_ids: int32 ``[M]`` unique sampled ids per position, ascending.
@@ -62,3 +63,45 @@ def tail_logmass_from_topk(topk_logprobs: np.ndarray) -> np.ndarray:
     with np.errstate(divide="ignore", invalid="ignore"):
         tail = np.where(lse < 0, np.log(-np.expm1(np.minimum(lse, 0.0))), -np.inf)
     return tail.astype(np.float32)
+
+
+#: Slack on "a log-prob is at most 0" and "the top-k and tail masses sum to 1" for values
+#: computed in float32 (about 1e-6 in practice; a broken forward is off by far more).
+MASS_TOLERANCE = 1e-3
+#: The same slack for values read back from a shard: each top-k log-prob is quantized to
+#: within 1/512 nat (``kdcache.cache.quantize``), i.e. its probability to within 0.2%.
+QUANTIZED_MASS_TOLERANCE = MASS_TOLERANCE + float(np.expm1(1.0 / 512.0))
+NONFINITE_HINT = ("non-finite or overflowing logits, usually a float16 forward that overflows; rerun with "
+                  "--dtype bfloat16 or --dtype float32")
+
+
+def scores_problem(scores: TeacherScores, tolerance: float = MASS_TOLERANCE) -> str | None:
+    """One line naming the first impossible value in ``scores`` (``"<source> position <p>: ..."``),
+    or None if every value is a possible distribution.
+
+    Impossible: a NaN or +inf anywhere, a log-prob above 0, a target log-prob of -inf (the
+    teacher gives the actual token zero probability), a top-k whose masses plus the tail's do
+    not sum to 1 (within ``tolerance``). These are what a non-finite teacher forward
+    produces; a cache must never hold them as if they were certainty. Values read back from
+    a shard pass :data:`QUANTIZED_MASS_TOLERANCE`, which adds the log-prob quantization error.
+    """
+    def at(index: int) -> str:
+        return f"{scores.source} position {int(scores.target_positions[index])}"
+
+    with np.errstate(invalid="ignore", over="ignore"):
+        target = np.asarray(scores.target_logprobs, dtype=np.float64)
+        bad = ~np.isfinite(target) | (target > tolerance)
+        if bad.any():
+            i = int(np.flatnonzero(bad)[0])
+            return f"{at(i)}: the teacher's log-prob of the actual token is {target[i]} ({NONFINITE_HINT})"
+        if scores.topk_logprobs is not None and scores.topk_logprobs.size:
+            top = np.asarray(scores.topk_logprobs, dtype=np.float64)
+            tail = np.asarray(scores.tail_logmass, dtype=np.float64)
+            bad_row = (~np.isfinite(top) | (top > tolerance)).any(axis=1) | np.isnan(tail) | (tail > tolerance)
+            total = np.exp(top).sum(axis=1) + np.exp(tail)
+            bad_row |= np.abs(total - 1.0) > tolerance
+            if bad_row.any():
+                i = int(np.flatnonzero(bad_row)[0])
+                return (f"{at(i)}: the teacher's top-k log-probs {np.round(top[i], 4).tolist()} and tail log-mass {tail[i]} "
+                        f"are no distribution (masses sum to {total[i]:.4g}) ({NONFINITE_HINT})")
+    return None

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import sys
 
 import click
@@ -38,11 +37,13 @@ _register()
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point: user errors print one line and exit 2, never a traceback."""
-    # vLLM logs its engine config and harmless warm-up tracebacks at INFO/WARNING; our own
-    # progress bar and summary say what matters. VLLM_LOGGING_LEVEL=INFO brings them back.
-    os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
+    from kdcache.cli import output
+
+    args = sys.argv[1:] if argv is None else list(argv)
+    # Before any library is imported: kdcache's own output only, unless --verbose.
+    output.configure("--verbose" in args)
     try:
-        cli.main(args=argv, prog_name="kdcache", standalone_mode=False)
+        cli.main(args=args, prog_name="kdcache", standalone_mode=False)
     except KdcacheError as exc:
         click.echo(f"kdcache: error: {exc}", err=True)
         sys.exit(2)

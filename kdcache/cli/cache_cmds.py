@@ -7,10 +7,13 @@ import sys
 
 import click
 
+from kdcache.cli.output import verbose_option
+
 from kdcache.cache.stats import format_summary, summarize, verify_cache
 
 
 @click.command()
+@verbose_option
 @click.argument("cache_dir", type=click.Path(file_okay=False))
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 def inspect(cache_dir: str, as_json: bool) -> None:
@@ -20,6 +23,7 @@ def inspect(cache_dir: str, as_json: bool) -> None:
 
 
 @click.command()
+@verbose_option
 @click.argument("cache_dir", type=click.Path(file_okay=False))
 def verify(cache_dir: str) -> None:
     """Check every shard's checksum, schema and counts against the manifest.

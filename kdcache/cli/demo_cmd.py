@@ -6,8 +6,11 @@ import json
 
 import click
 
+from kdcache.cli.output import verbose_option
+
 
 @click.command("demo")
+@verbose_option
 @click.option("--output", default="demo-output", show_default=True, type=click.Path(file_okay=False), help="Where data, caches and the run go.")
 @click.option("--train-rows", type=int, default=160, show_default=True, help="Wikipedia articles to distill on.")
 @click.option("--eval-rows", type=int, default=40, show_default=True, help="Held-out articles for the eval table.")

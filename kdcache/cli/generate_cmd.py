@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import click
 
+from kdcache.cli.output import verbose_option
+
 from kdcache.cache import format as fmt
 from kdcache.config import apply_config
 from kdcache.teacher.generate import GenerateConfig, generate_teacher_cache
@@ -15,6 +17,7 @@ def _load_config(ctx: click.Context, _param: click.Parameter, value: str | None)
 
 
 @click.command("generate-teacher")
+@verbose_option
 @click.option("--config", type=click.Path(dir_okay=False), callback=_load_config, is_eager=True, expose_value=False,
               help="Pipeline YAML; its `teacher:` section supplies defaults for these flags.")
 @click.option("--teacher", required=True, help="HF model directory or hub id, a .gguf file, or an AWQ/GPTQ checkpoint.")

@@ -7,6 +7,8 @@ import json
 
 import click
 
+from kdcache.cli.output import verbose_option
+
 from kdcache.config import apply_config, load_section
 from kdcache.student.losses import LOSS_NAMES
 
@@ -72,6 +74,7 @@ def _runtime_options(func, dtype_help: str = "Weight dtype: auto (float32 master
 
 
 @click.command("train-student")
+@verbose_option
 @click.option("--config", type=click.Path(dir_okay=False), callback=_load_train_config, is_eager=True, expose_value=False,
               help="Pipeline YAML; its `student:` section supplies defaults for these flags.")
 @click.option("--student", required=True, help="Student: HF model directory or hub id (the base model for LoRA).")
@@ -129,6 +132,7 @@ def train_student(**options) -> None:
 
 
 @click.command("eval")
+@verbose_option
 @click.option("--config", type=click.Path(dir_okay=False), callback=_load_eval_config, is_eager=True, expose_value=False,
               help="Pipeline YAML; loss and runtime keys of its `student:` section supply defaults.")
 @click.option("--model", required=True, help="Model directory, hub id, or a LoRA adapter directory (e.g. OUTPUT/model, OUTPUT/adapter).")

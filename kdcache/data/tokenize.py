@@ -2,8 +2,9 @@
 
 What is supervised (``target_positions``), per format:
 
-* ``text``: ``tokenizer(text)`` with the tokenizer's default special tokens (e.g. a BOS);
-  every position from 1 on.
+* ``text``: ``tokenizer(text)`` with the tokenizer's default special tokens (e.g. a BOS; not
+  a second one when the text already begins with it, with one warning per run); every
+  position from 1 on.
 * ``prompt_response`` / ``alpaca`` as raw text (``chat_template_for_pairs=False``, or the
   tokenizer has no chat template): ``ids = tokenizer(prompt) + tokenizer(response,
   add_special_tokens=False) + [eos]`` -- the prompt keeps the default special tokens (a BOS,
@@ -37,6 +38,7 @@ no room to generate and is a bad row. The response fields are optional in this m
 
 from __future__ import annotations
 
+import logging
 import re
 from dataclasses import dataclass
 from typing import Any, Iterable, Iterator, Mapping
@@ -54,6 +56,8 @@ from kdcache.data.formats import (
     parse_row,
 )
 from kdcache.errors import BadRowError, KdcacheError
+
+logger = logging.getLogger("kdcache")
 
 _GENERATION_TAG = re.compile(r"\{%-?\s*generation\s*-?%\}")
 _TEMPLATE_HINT = "fix the row, or pass --skip-bad-rows"
@@ -117,6 +121,9 @@ class RowTokenizer:
         self.pairs_as_chat = self.has_chat_template if chat_template_for_pairs is None else chat_template_for_pairs
         self.has_generation_markers = bool(template and _GENERATION_TAG.search(template))
         self.eos_id: int | None = getattr(tokenizer, "eos_token_id", None)
+        self.bos_id: int | None = getattr(tokenizer, "bos_token_id", None)
+        self._warned_double_bos = False
+        self._source = ""  # the row being encoded, for warnings
         self.special_ids = set(getattr(tokenizer, "all_special_ids", []) or [])
         for token_id, added in (getattr(tokenizer, "added_tokens_decoder", None) or {}).items():
             if getattr(added, "special", False):
@@ -127,6 +134,7 @@ class RowTokenizer:
 
     def encode(self, seq_id: int, source: str, row: Mapping[str, Any], fmt: str) -> TokenizedExample:
         """Tokenize ``row`` (format ``fmt``). Raises BadRowError for an unusable row."""
+        self._source = source
         parsed = parse_row(row, fmt, source, need_response=not self.prompt_only)
         if isinstance(parsed, ChatRow) or (isinstance(parsed, PairRow) and self.pairs_as_chat):
             if not self.has_chat_template:
@@ -235,7 +243,16 @@ class RowTokenizer:
     # ------------------------------------------------------------------ helpers
 
     def _encode(self, text: str, add_special_tokens: bool) -> list[int]:
-        return [int(i) for i in self.tok(text, add_special_tokens=add_special_tokens, verbose=False)["input_ids"]]
+        ids = [int(i) for i in self.tok(text, add_special_tokens=add_special_tokens, verbose=False)["input_ids"]]
+        if add_special_tokens and self.bos_id is not None and len(ids) >= 2 and ids[0] == ids[1] == self.bos_id:
+            # The text already begins with the BOS the tokenizer adds (a rendered chat pasted as
+            # text): a second BOS would be stored, and supervised. Keep the text's own.
+            if not self._warned_double_bos:
+                self._warned_double_bos = True
+                logger.warning("rows already begin with the tokenizer's BOS %r (e.g. %s); not adding another",
+                               self.tok.bos_token, self._source)
+            ids = ids[1:]
+        return ids
 
     def _encode_prompt(self, prompt: str) -> list[int]:
         """The prompt with the tokenizer's leading special tokens, never a trailing EOS."""

@@ -19,9 +19,10 @@ class ScoringSettings:
         num_samples: ``N`` draws per position for Random-Sampling KD (0 disables).
         sample_tail: draw from the teacher's distribution restricted to the ids outside the
             position's top-k (``--sampling tail``) instead of the full distribution.
-        draws: "systematic" or "iid" (``--draws``; see ``kdcache.teacher.sampling.draw_points``).
-        seed: base seed; draws for a sequence use ``numpy.random.default_rng([seed, seq_id])``
-            so results never depend on batching or worker layout.
+        draws: "systematic" or "iid" (``--draws``; see ``kdcache.teacher.statistics.draw_points``).
+        seed: base seed; a position's draws use uniforms keyed by ``(seed, seq_id, position)``
+            (``kdcache.teacher.statistics.counter_uniforms``), so results never depend on
+            batching, worker layout or the engine.
     """
 
     top_k: int = 64

@@ -28,11 +28,12 @@ from kdcache import __version__
 from kdcache.cache import format as fmt
 from kdcache.cache.manifest import validate_manifest, write_json_atomic
 from kdcache.cache.quantize import MAX_ABS_ERROR_COARSE, MAX_ABS_ERROR_FINE
+from kdcache.cache.records import scores_problem
 from kdcache.cache.writer import ShardRecord, load_shard_record, write_shard
 from kdcache.config import changed_keys
 from kdcache.errors import KdcacheError, first_line
 from kdcache.teacher.base import GenerationSettings, ScoringSettings
-from kdcache.teacher.sampling import DRAW_SCHEMES
+from kdcache.teacher.statistics import DRAW_SCHEMES
 
 WORKERS_DIR = "workers"
 TOKENIZER_DIR = "tokenizer"
@@ -216,50 +217,41 @@ SCORER_NAME = "scorer.json"
 
 
 def claim_scorer(out: Path, scorer: dict) -> None:
-    """Every shard of a cache must come from the same backend and dtype: the first worker
-    to load its teacher records them in ``scorer.json``; a worker that loaded something else
-    (e.g. ``--backend auto`` fell back to transformers on one machine) stops before writing."""
+    """Every shard of a cache must come from the same backend, dtype and scoring path: the
+    first worker to load its teacher records them in ``scorer.json``; a worker that loaded
+    something else (``--backend auto`` fell back to transformers on one machine, another
+    vLLM release took the prompt-log-prob path) stops before writing."""
     path = out / SCORER_NAME
     if not path.exists():
         _create_once(path, scorer)
     existing = json.loads(path.read_text())
     if existing != scorer:
         raise KdcacheError(
-            f"{out}: its shards are scored with backend {existing.get('backend_used')} in {existing.get('dtype_loaded')}, "
-            f"but this worker loaded backend {scorer.get('backend_used')} in {scorer.get('dtype_loaded')}; pass "
-            f"--backend {existing.get('backend_used')} --dtype {existing.get('dtype_loaded')} so the cache stays uniform"
+            f"{out}: its shards are scored with backend {existing.get('backend_used')} in {existing.get('dtype_loaded')} "
+            f"({existing.get('scoring_path')}), but this worker loaded backend {scorer.get('backend_used')} in "
+            f"{scorer.get('dtype_loaded')} ({scorer.get('scoring_path')}); pass --backend {existing.get('backend_used')} "
+            f"--dtype {existing.get('dtype_loaded')} (and the same vLLM release) so the cache stays uniform"
         )
 
 
-def _context_error(cfg: GenerateConfig, teacher_path: Path) -> KdcacheError | None:
-    """vLLM scores a sequence of ``L`` tokens as a request of ``L + 1`` (it must also emit one
-    token): refuse up front a ``--max-length`` that the teacher's context cannot hold."""
-    import importlib.util
-
-    if cfg.backend == "hf" or cfg.max_model_len is not None:
-        return None
-    if cfg.backend == "auto" and importlib.util.find_spec("vllm") is None:
-        return None  # auto will use transformers, which needs only L positions
-    from kdcache.teacher.loading import auto_prefers_hf, quantization_method, read_config
+def _check_teacher_fits(cfg: GenerateConfig, teacher_path: Path, tokenizer) -> None:
+    """Refuse, before any shard is written, a run the teacher cannot score: a ``--max-length``
+    beyond its context (:func:`kdcache.teacher.loading.context_error`, one rule for every
+    backend) or a tokenizer with more tokens than the model has output rows."""
+    from kdcache.teacher.loading import context_error, read_config, vllm_path, vocab_rows_of
+    from kdcache.teacher.sampling import vocab_rows_error
 
     try:
         config = read_config(teacher_path)
     except KdcacheError:
-        return None  # the backend reports an unloadable config itself
-    options = {"quantization": cfg.quantization, "tensor_parallel_size": cfg.tensor_parallel_size}
-    if cfg.backend == "auto" and auto_prefers_hf(cfg.sampling != "none", quantization_method(config), options):
-        return None  # auto will use transformers
-    config = config.get("text_config") or config
-    context = next((v for name in ("max_position_embeddings", "n_positions", "max_seq_len")
-                    if isinstance(v := config.get(name), int)), None)
-    need = cfg.max_length + (0 if cfg.mode == "generate" else 1)
-    if context is None or need <= context:
-        return None
-    why = "" if cfg.mode == "generate" else " (one more than the longest sequence: it also emits one token)"
-    return KdcacheError(
-        f"{cfg.teacher}: its context is {context} positions and vLLM needs {need} for --max-length {cfg.max_length}"
-        f"{why}; use --max-length {context - (0 if cfg.mode == 'generate' else 1)}, or --backend hf"
-    )
+        return  # the backend reports an unloadable config itself
+    path = vllm_path(cfg.mode) if cfg.backend != "hf" else None
+    extra = 1 if (path == "vllm-prompt-logprobs" and cfg.mode == "score") else 0
+    if (error := context_error(cfg.teacher, config, cfg.max_length, extra)) is not None:
+        raise error
+    rows = vocab_rows_of(config)
+    if rows is not None and rows < len(tokenizer):
+        raise vocab_rows_error(cfg.teacher, len(tokenizer), rows)
 
 
 def save_tokenizer(out: Path, tokenizer) -> None:
@@ -465,8 +457,7 @@ def generate_teacher_cache(cfg: GenerateConfig) -> dict | None:
                            "its tokenizer files") from None
     if cfg.top_k > len(tokenizer):
         raise KdcacheError(f"--top-k {cfg.top_k} exceeds the teacher's vocabulary ({len(tokenizer)} tokens)")
-    if (error := _context_error(cfg, teacher.path)) is not None:
-        raise error
+    _check_teacher_fits(cfg, teacher.path, tokenizer)
     dataset = open_dataset(cfg.dataset, fmt=cfg.data_format, split=cfg.split)
     dataset_info = dataset.describe() | {"fingerprint": dataset.fingerprint()}
     backend_name = cfg.backend  # "auto" is resolved by make_backend (vLLM, else transformers)
@@ -508,7 +499,7 @@ def generate_teacher_cache(cfg: GenerateConfig) -> dict | None:
                     examples.append(item)
             yield index, examples, skipped
 
-    progress = _Progress(todo_rows, cfg.progress)
+    progress: _Progress | None = None
     shards = prepared_shards()
     writer: ThreadPoolExecutor | None = None
     writing: Future | None = None  # the previous shard's write, running while this one is scored
@@ -517,11 +508,14 @@ def generate_teacher_cache(cfg: GenerateConfig) -> dict | None:
         # and before any helper thread starts, since vLLM may fork its engine process.
         first = next(shards, None)
         if first is not None:
-            backend = make_backend(backend_name, teacher, dtype=cfg.dtype, full_rows=scoring.num_samples > 0,
+            backend = make_backend(backend_name, teacher, dtype=cfg.dtype, full_rows=scoring.num_samples > 0, mode=cfg.mode,
                                    **_engine_options(cfg))
             teacher_info["dtype_loaded"] = getattr(backend, "dtype", cfg.dtype)
             teacher_info["backend_used"] = backend.name
-            claim_scorer(out, {k: str(teacher_info[k]) for k in ("backend_used", "dtype_loaded")})
+            teacher_info["scoring_path"] = backend.scoring_path
+            claim_scorer(out, {k: str(teacher_info[k]) for k in ("backend_used", "dtype_loaded", "scoring_path")})
+            # Rate and ETA count from here: the model's load is not scoring time.
+            progress = _Progress(todo_rows, cfg.progress)
             if cfg.overlap:
                 shards = _Prefetch(shards)
                 writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kdcache-writer")
@@ -532,6 +526,8 @@ def generate_teacher_cache(cfg: GenerateConfig) -> dict | None:
                     stream = backend.score(examples, scoring)
                 results = []
                 for result in stream:
+                    if (problem := scores_problem(result)) is not None:
+                        raise KdcacheError(problem)
                     results.append(result)
                     progress.update(1, result.num_targets)
                 progress.update(len(skipped), 0)
@@ -550,7 +546,8 @@ def generate_teacher_cache(cfg: GenerateConfig) -> dict | None:
             writer.shutdown(wait=True)  # a shard being written when the run fails is finished, not lost
         if isinstance(shards, _Prefetch):
             shards.close()
-        progress.close()
+        if progress is not None:
+            progress.close()
         if backend is not None:
             backend.close()
 

@@ -1,11 +1,11 @@
-"""Teacher scoring with plain transformers (fallback when vLLM is missing or cannot load).
+"""Teacher scoring with plain transformers (the fallback when vLLM is missing or cannot load).
 
-The backbone runs on right-padded batches sorted by length; the LM head and the log-softmax
-run only on the supervised positions, in chunks sized by ``logits_chunk_bytes``, so a batch
-never materializes full-vocabulary fp32 log-probs for all of its tokens. Logits are sliced to
-the tokenizer's vocabulary before the log-softmax, so padded logit rows carry no mass here
-(vLLM's backend normalizes over all rows instead; for trained checkpoints the difference is
-the padded rows' mass, normally negligible).
+The backbone runs on right-padded batches sorted by length; the output layer runs only on
+the supervised positions' hidden states, a bounded chunk of rows at a time, and every
+statistic comes from :func:`kdcache.teacher.statistics.position_statistics` on the model's
+device, the same function vLLM's engine runs. The output layer is ``lm_head`` followed by the
+architecture's transform, found at load time by checking against ``model.forward``
+(:mod:`kdcache.output_head`), so the cached log-probs equal ``log_softmax(model(ids).logits)``.
 """
 
 from __future__ import annotations
@@ -16,17 +16,26 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
-from kdcache.cache.records import TeacherScores, tail_logmass_from_topk
+from kdcache.cache.records import TeacherScores
 from kdcache.data.example import TokenizedExample
 from kdcache.errors import KdcacheError, first_line
 from kdcache.teacher.base import GenerationSettings, ScoringSettings, TeacherBackend
 from kdcache.teacher.loading import ResolvedTeacher, resolve_dtype, resolve_local, teacher_description
-from kdcache.teacher.sampling import concat_samples, draw_counts_torch, sequence_rng, validate_request
+from kdcache.teacher.sampling import validate_request
+from kdcache.teacher.statistics import (
+    DEFAULT_CHUNK_BYTES,
+    rows_per_chunk,
+    scores_from_statistics,
+    spec_for,
+    statistics_in_chunks,
+)
 
 logger = logging.getLogger("kdcache")
 
 _DTYPES = {"float32": "float32", "float": "float32", "fp32": "float32", "bfloat16": "bfloat16",
            "bf16": "bfloat16", "float16": "float16", "half": "float16", "fp16": "float16"}
+
+SCORING_PATH = "transformers"
 
 
 class HFBackend(TeacherBackend):
@@ -37,10 +46,15 @@ class HFBackend(TeacherBackend):
         dtype: ``"auto"`` (the checkpoint's dtype) or a torch dtype name.
         device: torch device (None: CUDA when available, else CPU).
         max_batch_tokens: padded tokens (batch x longest) per backbone forward.
-        logits_chunk_bytes: memory for one chunk of fp32 full-vocab logits/log-probs (256 MB).
+        logits_chunk_bytes: memory for one chunk of float32 full-vocabulary rows (64 MiB).
+
+    Raises:
+        KdcacheError: the model cannot be loaded, or kdcache cannot reproduce its logits
+            outside ``model.forward`` (:func:`kdcache.output_head.probe_output_transform`).
     """
 
     name = "hf"
+    scoring_path = SCORING_PATH
 
     def __init__(
         self,
@@ -49,11 +63,13 @@ class HFBackend(TeacherBackend):
         dtype: str = "auto",
         device: str | None = None,
         max_batch_tokens: int = 8192,
-        logits_chunk_bytes: int = 256 << 20,
+        logits_chunk_bytes: int = DEFAULT_CHUNK_BYTES,
         **unused: Any,
     ) -> None:
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        from kdcache.output_head import probe_output_transform
 
         if unused:
             logger.debug("HF backend ignores options %s", sorted(unused))
@@ -76,17 +92,24 @@ class HFBackend(TeacherBackend):
         except Exception as exc:  # noqa: BLE001 - surfaced as one line
             raise KdcacheError(f"{self.teacher.spec}: transformers cannot load the teacher ({first_line(exc)})") from None
         self.model = model.to(self.device).eval()
-        self.dtype = str(next(self.model.parameters()).dtype).removeprefix("torch.") if dtype == "auto" else dtype
+        weight_dtype = next(self.model.parameters()).dtype
+        self.dtype = str(weight_dtype).removeprefix("torch.") if dtype == "auto" else dtype
         self.backbone = self.model.get_decoder() if hasattr(self.model, "get_decoder") else self.model.base_model
         self.lm_head = self.model.get_output_embeddings()
         self.model_vocab_rows = int(self.lm_head.weight.shape[0])
         self.max_batch_tokens = max_batch_tokens
-        self.logits_chunk_bytes = logits_chunk_bytes
+        self.rows_per_chunk = rows_per_chunk(self.model_vocab_rows, logits_chunk_bytes)
         cfg = self.model.config.get_text_config() if hasattr(self.model.config, "get_text_config") else self.model.config
-        # Output transforms some architectures apply after the LM head (Gemma 2/3, Cohere, Granite).
-        self._softcap = getattr(cfg, "final_logit_softcapping", None)
-        self._logit_scale = getattr(cfg, "logit_scale", None)
-        self._logits_scaling = getattr(cfg, "logits_scaling", None)
+        with torch.inference_mode():
+            self.output_transform = probe_output_transform(
+                lambda ids: self.model(input_ids=ids).logits[0],
+                lambda ids: self.backbone(input_ids=ids).last_hidden_state[0],
+                self.lm_head,
+                vocab_rows=min(self.vocab_size, self.model_vocab_rows),
+                config_softcap=getattr(cfg, "final_logit_softcapping", None),
+                dtype=weight_dtype, device=self.device,
+                name=f"{self.teacher.spec} ({type(self.model).__name__})",
+            )
 
     # ------------------------------------------------------------------ API
 
@@ -96,9 +119,11 @@ class HFBackend(TeacherBackend):
         desc = teacher_description(self.teacher, self.dtype, backend=self.name)
         desc.update(
             engine=f"transformers {transformers.__version__}",
+            scoring_path=self.scoring_path,
             tokenizer_vocab_size=self.vocab_size,
             model_vocab_rows=self.model_vocab_rows,
-            logprob_normalization="tokenizer vocabulary (padded rows sliced off before log_softmax)",
+            logprob_normalization="tokenizer vocabulary (padded rows dropped before the log-softmax)",
+            output_transform={"scale": self.output_transform.scale, "softcap": self.output_transform.softcap},
             device=str(self.device),
         )
         return desc
@@ -107,11 +132,12 @@ class HFBackend(TeacherBackend):
         """Teacher-forced scoring; yields one result per example, in input order."""
         import torch
 
-        validate_request(examples, settings, self.vocab_size)
+        validate_request(examples, settings, self.vocab_size, self.model_vocab_rows)
+        spec = self._spec(settings)
         results: dict[int, TeacherScores] = {}
         order = sorted(range(len(examples)), key=lambda i: -examples[i].num_tokens)
         with torch.inference_mode():
-            for batch in self._batches([examples[i] for i in order], order, settings):
+            for batch in self._batches([examples[i] for i in order], order, spec):
                 for idx, scores in batch:
                     results[idx] = scores
         for i in range(len(examples)):
@@ -121,12 +147,14 @@ class HFBackend(TeacherBackend):
         self, examples: Sequence[TokenizedExample], settings: ScoringSettings, gen: GenerationSettings
     ) -> Iterator[TeacherScores]:
         """One ``model.generate`` per example, seeded with ``gen.seed + seq_id`` (through
-        ``torch.manual_seed``, i.e. torch's global generator); records raw (temperature 1,
-        pre-top-p) log-probs from ``output_logits``, over the tokenizer's vocabulary."""
+        ``torch.manual_seed``, i.e. torch's global generator); the statistics come from the
+        raw logits of each step (``output_logits``: ``model.forward``'s own, temperature 1,
+        before top-p), over the tokenizer's vocabulary."""
         import torch
         from transformers import GenerationConfig
 
-        validate_request(examples, settings, self.vocab_size)
+        validate_request(examples, settings, self.vocab_size, self.model_vocab_rows)
+        spec = self._spec(settings)
         for ex in examples:
             sampling = gen.temperature > 0
             config = GenerationConfig(
@@ -146,13 +174,14 @@ class HFBackend(TeacherBackend):
             prompt = torch.as_tensor(ex.input_ids, dtype=torch.long, device=self.device)[None]
             with torch.inference_mode():
                 out = self.model.generate(prompt, attention_mask=torch.ones_like(prompt), generation_config=config)
-            gen_ids = out.sequences[0, prompt.shape[1]:]
-            raw = torch.cat([step[:1] for step in out.logits], dim=0)  # [G, rows]
+                gen_ids = out.sequences[0, prompt.shape[1]:]
+                raw = torch.cat([step[:1] for step in out.logits], dim=0)  # [G, rows]
+                positions = torch.arange(ex.num_tokens, ex.num_tokens + gen_ids.shape[0], device=self.device)
+                block = statistics_in_chunks(lambda rows: rows, raw, gen_ids, torch.full_like(positions, ex.seq_id),
+                                             positions, spec, self.rows_per_chunk)
             input_ids = out.sequences[0].cpu().numpy().astype(np.int32)
-            positions = np.arange(ex.num_tokens, ex.num_tokens + gen_ids.shape[0], dtype=np.int32)
-            rng = sequence_rng(settings.seed, ex.seq_id)
-            parts = self._score_rows(raw, gen_ids, settings, rng, transformed=False)
-            yield self._finish(ex, input_ids, positions, parts, settings)
+            yield scores_from_statistics(ex.seq_id, ex.source, input_ids, positions.cpu().numpy(), block.cpu().numpy(),
+                                         spec)
 
     def close(self) -> None:
         """Drop the model (and the CUDA cache, on a GPU)."""
@@ -167,101 +196,50 @@ class HFBackend(TeacherBackend):
 
     # ------------------------------------------------------------ internals
 
-    def _batches(
-        self, examples: list[TokenizedExample], indices: list[int], settings: ScoringSettings
-    ) -> Iterator[list[tuple[int, TeacherScores]]]:
+    def _spec(self, settings: ScoringSettings):  # noqa: ANN202 - StatsSpec
+        return spec_for(settings.top_k, settings.num_samples, settings.sample_tail, settings.draws, settings.seed,
+                        self.vocab_size)
+
+    def _logits(self, hidden: Any) -> Any:
+        return self.output_transform.apply(self.lm_head(hidden))
+
+    def _batches(self, examples: list[TokenizedExample], indices: list[int], spec) -> Iterator[list[tuple[int, TeacherScores]]]:  # noqa: ANN001
         """Backbone over length-sorted (longest first) right-padded batches of at most
         ``max_batch_tokens`` padded tokens; yields ``(input index, scores)`` per batch."""
         start = 0
         while start < len(examples):
             longest = examples[start].num_tokens
             size = max(1, min(len(examples) - start, self.max_batch_tokens // max(1, longest)))
-            yield self._score_batch(examples[start:start + size], indices[start:start + size], settings)
+            yield self._score_batch(examples[start:start + size], indices[start:start + size], spec)
             start += size
 
-    def _score_batch(
-        self, batch: list[TokenizedExample], indices: list[int], settings: ScoringSettings
-    ) -> list[tuple[int, TeacherScores]]:
+    def _score_batch(self, batch: list[TokenizedExample], indices: list[int], spec) -> list[tuple[int, TeacherScores]]:  # noqa: ANN001
         import torch
 
-        longest = max(ex.num_tokens for ex in batch)
+        longest = max(int(ex.target_positions[-1]) for ex in batch)  # the last target needs no hidden state
         ids = torch.zeros((len(batch), longest), dtype=torch.long)
         mask = torch.zeros((len(batch), longest), dtype=torch.long)
         for b, ex in enumerate(batch):
-            ids[b, : ex.num_tokens] = torch.as_tensor(ex.input_ids, dtype=torch.long)
-            mask[b, : ex.num_tokens] = 1
+            n = min(ex.num_tokens, longest)
+            ids[b, :n] = torch.as_tensor(ex.input_ids[:n], dtype=torch.long)
+            mask[b, :n] = 1
         hidden = self.backbone(input_ids=ids.to(self.device), attention_mask=mask.to(self.device)).last_hidden_state
-        out = []
-        for b, (idx, ex) in enumerate(zip(indices, batch)):
+        rows, targets, seq_ids, positions = [], [], [], []
+        for b, ex in enumerate(batch):
             pos = torch.as_tensor(ex.target_positions, dtype=torch.long, device=self.device)
-            # The distribution for token p is read at position p - 1.
-            rows = hidden[b, pos - 1]
-            targets = torch.as_tensor(ex.input_ids, dtype=torch.long, device=self.device)[pos]
-            rng = sequence_rng(settings.seed, ex.seq_id)
-            parts = self._score_rows(rows, targets, settings, rng, transformed=True)
-            out.append((idx, self._finish(ex, ex.input_ids.astype(np.int32), ex.target_positions, parts, settings)))
+            rows.append(hidden[b, pos - 1])  # the distribution of token p is read at position p - 1
+            targets.append(torch.as_tensor(ex.input_ids, dtype=torch.long, device=self.device)[pos])
+            seq_ids.append(torch.full_like(pos, ex.seq_id))
+            positions.append(pos)
+        block = statistics_in_chunks(self._logits, torch.cat(rows), torch.cat(targets), torch.cat(seq_ids),
+                                     torch.cat(positions), spec, self.rows_per_chunk).cpu().numpy()
+        out, start = [], 0
+        for idx, ex in zip(indices, batch):
+            stop = start + len(ex.target_positions)
+            out.append((idx, scores_from_statistics(ex.seq_id, ex.source, ex.input_ids, ex.target_positions,
+                                                    block[start:stop], spec)))
+            start = stop
         return out
-
-    def _score_rows(self, rows: Any, targets: Any, settings: ScoringSettings, rng: np.random.Generator,
-                    transformed: bool) -> dict:
-        """Top-k / target log-probs / samples for ``rows`` (hidden ``[R, H]`` when ``transformed``,
-        else raw logits ``[R, model rows]``), processed ``chunk`` rows at a time."""
-        import torch
-
-        chunk = max(1, self.logits_chunk_bytes // (4 * 4 * self.model_vocab_rows))
-        k = settings.top_k
-        tgt, top_ids, top_lps, samples = [], [], [], []
-        for s in range(0, rows.shape[0], chunk):
-            part = rows[s:s + chunk]
-            logits = self._logits(part) if transformed else part
-            logp = torch.log_softmax(logits[:, : self.vocab_size].float(), dim=-1)
-            tgt.append(logp.gather(1, targets[s:s + chunk, None])[:, 0].cpu())
-            if k:
-                values, indices = torch.topk(logp, k, dim=-1)
-                top_ids.append(indices.cpu())
-                top_lps.append(values.cpu())
-            if settings.num_samples:
-                # on the model's device: the [rows, V] float64 CDF never crosses to the host
-                exclude = indices if settings.sample_tail else None
-                samples.append(draw_counts_torch(rng, logp, settings.num_samples, exclude, settings.draws))
-        return {"tgt": tgt, "ids": top_ids, "lps": top_lps, "samples": samples}
-
-    def _logits(self, hidden: Any) -> Any:
-        import torch
-
-        logits = self.lm_head(hidden)
-        if self._logit_scale is not None:
-            logits = logits * self._logit_scale
-        if self._logits_scaling is not None:
-            logits = logits / self._logits_scaling
-        if self._softcap is not None:
-            logits = torch.tanh(logits / self._softcap) * self._softcap
-        return logits
-
-    def _finish(self, ex: TokenizedExample, input_ids: np.ndarray, positions: np.ndarray, parts: dict,
-                settings: ScoringSettings) -> TeacherScores:
-        """Concatenate the per-chunk outputs of ``_score_rows`` into a ``TeacherScores``."""
-        import torch
-
-        def cat(key: str, dtype: Any, width: int | None = None) -> np.ndarray:
-            chunks = parts[key]
-            if not chunks:
-                shape = (0,) if width is None else (0, width)
-                return np.zeros(shape, dtype=dtype)
-            return torch.cat(chunks).numpy().astype(dtype)
-
-        scores = TeacherScores(ex.seq_id, ex.source, input_ids, np.asarray(positions, dtype=np.int32),
-                               cat("tgt", np.float32))
-        if settings.top_k:
-            scores.topk_ids = cat("ids", np.int32, settings.top_k)
-            scores.topk_logprobs = cat("lps", np.float32, settings.top_k)
-            scores.tail_logmass = tail_logmass_from_topk(scores.topk_logprobs)
-        if settings.num_samples:
-            chunks = parts["samples"]
-            empty = (np.zeros(1, np.int32), np.zeros(0, np.int32), np.zeros(0, np.int32))
-            offsets, ids, counts = concat_samples(chunks or [empty])
-            scores.sample_offsets, scores.sample_ids, scores.sample_counts = offsets, ids, counts
-        return scores
 
 
 def _eos_ids(tokenizer: Any, model: Any) -> list[int] | None:

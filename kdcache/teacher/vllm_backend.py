@@ -1,92 +1,82 @@
-"""Teacher scoring with vLLM's prompt log-probabilities (the fast path of stage one).
+"""Teacher scoring inside vLLM: every cache mode at engine speed.
 
-How the engine is driven, and why:
+The engine runs the teacher as a pooling model (:mod:`kdcache.teacher.vllm_model`): vLLM's
+own class for the teacher's architecture with kdcache's statistics pooler, registered
+through kdcache's ``vllm.general_plugins`` entry point. One ``LLM.encode`` call per shard
+sends every sequence (truncated after its last supervised position) with its supervised
+positions and the statistics wanted; the engine's batching, chunked prefill, paged
+attention, quantized kernels and tensor parallelism do the forward passes, the pooler turns
+the supervised positions' hidden states into logits a chunk at a time and computes the
+statistics there (:func:`kdcache.teacher.statistics.position_statistics`), and only
+``[S, 2 + 2k + N]`` float32 per sequence comes back.
 
-* One ``llm.generate`` call per batch of ``TokensPrompt`` with ``SamplingParams(prompt_logprobs=K,
-  flat_logprobs=True, detokenize=False, max_tokens=1)``; the engine runs without a tokenizer.
-  ``out.prompt_logprobs`` is a ``FlatLogprobs`` whose position ``i >= 1`` holds ``K + 1`` entries:
-  the actual token ``i`` first, then ranks ``1..K``. It is converted to arrays with one
-  ``np.fromiter`` per list per request, then sliced to the supervised positions
-  (~4.5 us per token at K=64; vLLM's own flat output processing adds ~11 us per token).
-* Normalization: vLLM's log-softmax runs over all of the model's logit rows, including padded
-  rows beyond the tokenizer (e.g. Qwen2.5's 152064 rows for 151665 tokens). Padded ids are
-  dropped from the top-k; their mass stays in ``tail_logmass``. To still return ``k`` real ids,
-  a few extra log-probs are requested (``k + min(pad, PAD_MARGIN)``) and a position that still
-  comes up short is re-scored with ``k + pad``.
-* Random sampling needs the whole distribution: ``prompt_logprobs=-1`` (the engine is built
-  with ``max_logprobs=-1``) returns every logit row for every position. vLLM's output
-  processor would turn those into Python lists (~100 bytes and ~0.7 us per (position, vocab
-  entry): ~28 tokens/s for SmolLM2's 49152 rows on 2 CPU cores, and a few tokens/s for a
-  150k vocabulary), so during full-vocabulary calls ``_update_prompt_logprobs`` of vLLM's
-  ``LogprobsProcessor`` is swapped for one that keeps the arrays it receives
-  (:func:`_prompt_logprobs_as_arrays`). Requests are still sent in groups bounded by
-  ``max_logprob_entries`` (a 500-token prompt is ~300 MB of ids and log-probs at 49152 rows).
-  Draws come from the distribution restricted to the real vocabulary (padded rows
-  renormalized away), like the transformers backend, through the same ``sampling.draw_counts``.
-* Prompt log-probs ignore temperature and are never served from the prefix cache, so prefix
-  caching is disabled. The engine's ``logprobs_mode`` is pinned to ``raw_logprobs``, so
-  ``generate()`` records untempered, unfiltered log-probs of the generated tokens.
-* Every chunk of prefill materializes fp32 full-vocab logits and log-probs
-  (~10 bytes x tokens x rows); ``max_num_batched_tokens`` is derived from
-  ``logits_budget_bytes`` unless given.
-* ``close()`` (also registered with ``atexit``) shuts the engine down and joins the client's
-  output thread: a daemon thread left inside zmq at interpreter exit aborts the process
-  ("terminate called without an active exception"), reliably so after full-vocab requests.
-* On CPU, ``dtype="auto"`` means float32 unless the CPU has native bf16 (``resolve_dtype``),
-  and ``enforce_eager`` defaults to True: torch.compile adds ~90 s to the engine start for
-  no measurable throughput gain on this workload (see the benchmark notes).
+Why this route (see the README's "How stage one runs in vLLM"): vLLM hands prompt log-probs
+over as top-K lists or whole vocabulary rows only, so draws from the tail would need whole
+rows on the host (``benchmarks/bench_full_rows.py``); a worker extension would have to
+replace private model-runner code that differs between vLLM's V1 and V2 runners; per-token
+hidden states would send ~7 KB per token for a 7B teacher and need every output transform
+copied. The pooling model keeps the teacher's own ``compute_logits`` and uses only the
+pooling-model interface, which is the same from 0.24 to 0.33.
+
+A pooling request generates nothing, so a sequence of ``L`` tokens needs ``L`` positions of
+context (the prompt-log-prob path needed ``L + 1``). Prefix caching stays off: a cached
+prefix would skip the hidden states the pooler reads.
 """
 
 from __future__ import annotations
 
 import atexit
-import contextlib
-import gc
 import logging
+import os
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 import numpy as np
 
-from kdcache.cache.records import TeacherScores, tail_logmass_from_topk
+from kdcache.cache.records import TeacherScores
 from kdcache.data.example import TokenizedExample
 from kdcache.errors import KdcacheError, first_line
 from kdcache.teacher.base import GenerationSettings, ScoringSettings, TeacherBackend
 from kdcache.teacher.loading import ResolvedTeacher, resolve_dtype, resolve_local, teacher_description
-from kdcache.teacher.sampling import draw_counts, select_real_topk, sequence_rng, validate_request
+from kdcache.teacher.sampling import validate_request
+from kdcache.teacher.statistics import scores_from_statistics, spec_for, target_spans
+from kdcache.teacher.vllm_engine import (
+    EngineUnusable,
+    architecture,
+    close_engine,
+    config_vocab_rows,
+    engine_options,
+)
 
 logger = logging.getLogger("kdcache")
 
-PAD_MARGIN = 16  # extra log-probs requested when the model has padded logit rows
-BYTES_PER_LOGIT = 10  # fp32 logits + fp32 log-probs + topk scratch, per (token, row)
-
-
-class EngineUnusable(KdcacheError):
-    """The engine started but cannot run this teacher (e.g. a kernel missing from this build)."""
+#: How the shards were scored, as recorded in ``scorer.json``.
+SCORING_PATH = "vllm-statistics-pooler"
+#: Memory for one chunk of full-vocabulary rows in the engine's pooler.
+STATS_CHUNK_BYTES = {"cpu": 64 << 20, "gpu": 1 << 30}
 
 
 class VLLMBackend(TeacherBackend):
-    """Teacher backend on a vLLM ``LLM`` engine (CUDA build or vLLM's CPU build).
+    """Teacher backend on a vLLM engine running kdcache's statistics pooler.
 
     Args:
         teacher: local HF directory or ``ResolvedTeacher``.
         dtype: ``"auto"`` or a torch dtype name.
         quantization: force a vLLM quantization method (None: detect from ``config.json``).
-        tensor_parallel_size: GPUs per engine (None: 1). Every option's None means its default.
-        gpu_memory_utilization: fraction of GPU memory for the engine (None: 0.85 on GPU, leaving
-            room for prompt-logprob tensors that vLLM's memory profiling does not see;
-            0.3 on CPU, where the KV cache size comes from ``VLLM_CPU_KVCACHE_SPACE`` GiB).
-        max_num_batched_tokens: tokens per scheduler step (None: from ``logits_budget_bytes``).
-        max_model_len: longest sequence (None: the model's).
-        enforce_eager: skip torch.compile / CUDA graphs (None: True on CPU, False on GPU).
-        logits_budget_bytes: memory allowed for one step's full-vocab logits (default 2 GiB).
-        max_logprob_entries: bound on (positions x log-probs per position) per engine call;
-            vLLM keeps them as Python lists (~100 bytes each) until the call returns.
-        seed: engine seed.
+        tensor_parallel_size, gpu_memory_utilization, max_num_batched_tokens, max_model_len,
+            enforce_eager, seed: engine options (None: see
+            :func:`kdcache.teacher.vllm_engine.engine_options`).
+        stats_chunk_bytes: memory for one chunk of float32 full-vocabulary rows in the pooler
+            (None: 1 GiB on a GPU, 64 MiB on CPU).
         extra_engine_args: passed to ``vllm.LLM`` unchanged.
+
+    Raises:
+        EngineUnusable: the engine started but its first forward failed (a kernel missing
+            from this build, a pooling model vLLM cannot build for this checkpoint).
     """
 
     name = "vllm"
+    scoring_path = SCORING_PATH
 
     def __init__(
         self,
@@ -99,57 +89,50 @@ class VLLMBackend(TeacherBackend):
         max_num_batched_tokens: int | None = None,
         max_model_len: int | None = None,
         enforce_eager: bool | None = None,
-        logits_budget_bytes: int = 2 << 30,
-        max_logprob_entries: int = 16_000_000,
+        stats_chunk_bytes: int | None = None,
         seed: int | None = 0,
         extra_engine_args: dict[str, Any] | None = None,
     ) -> None:
         from transformers import AutoTokenizer
         from vllm import LLM
+        from vllm.config import PoolerConfig
         from vllm.platforms import current_platform
+
+        from kdcache.teacher.vllm_model import ARCHITECTURES_ENV, STATS_SUFFIX
 
         self.teacher = teacher if isinstance(teacher, ResolvedTeacher) else resolve_local(teacher)
         on_cpu = current_platform.is_cpu()
         self.dtype = dtype = resolve_dtype(dtype, on_cpu, quantization or self.teacher.quantization)
         self.tokenizer = AutoTokenizer.from_pretrained(str(self.teacher.path))
         self.vocab_size = len(self.tokenizer)
-        self.max_logprob_entries = max_logprob_entries
-        model_rows = _config_vocab_rows(self.teacher.path) or self.vocab_size
-        if max_num_batched_tokens is None:
-            max_num_batched_tokens = int(logits_budget_bytes // (BYTES_PER_LOGIT * model_rows))
-            max_num_batched_tokens = max(256, min(16384, max_num_batched_tokens // 256 * 256))
-        self.engine_options: dict[str, Any] = {
-            "dtype": dtype,
-            "quantization": quantization,
-            "tensor_parallel_size": tensor_parallel_size or 1,
-            "gpu_memory_utilization": gpu_memory_utilization or (0.3 if on_cpu else 0.85),
-            "max_num_batched_tokens": max_num_batched_tokens,
-            "max_num_seqs": min(256, max_num_batched_tokens),
-            "max_model_len": max_model_len,
-            "enforce_eager": on_cpu if enforce_eager is None else enforce_eager,
-            "seed": seed or 0,
-        }
+        self.model_vocab_rows = config_vocab_rows(self.teacher.path) or self.vocab_size
+        self.stats_chunk_bytes = stats_chunk_bytes or STATS_CHUNK_BYTES["cpu" if on_cpu else "gpu"]
+        self.architecture = architecture(self.teacher.path)
+        self.engine_options = engine_options(
+            dtype=dtype, on_cpu=on_cpu, quantization=quantization, tensor_parallel_size=tensor_parallel_size,
+            gpu_memory_utilization=gpu_memory_utilization, max_num_batched_tokens=max_num_batched_tokens,
+            max_model_len=max_model_len, enforce_eager=enforce_eager, seed=seed,
+        )
+        # The plugin registers the wrapper in every engine process it is told about.
+        wanted = {a for a in os.environ.get(ARCHITECTURES_ENV, "").split(",") if a}
+        os.environ[ARCHITECTURES_ENV] = ",".join(sorted(wanted | {self.architecture}))
+        from kdcache.teacher.vllm_model import register
+
+        register()  # this process too (an in-process engine, and vLLM's config checks)
         self._llm = LLM(
             str(self.teacher.path),
+            runner="pooling",
+            convert="none",
+            hf_overrides={"architectures": [self.architecture + STATS_SUFFIX]},
+            pooler_config=PoolerConfig(task="token_classify"),
             skip_tokenizer_init=True,
-            # Only a request-validation cap in vLLM; -1 lets one engine serve top-k and
-            # full-vocab (sampling) requests.
-            max_logprobs=-1,
-            logprobs_mode="raw_logprobs",
             enable_prefix_caching=False,
             enable_chunked_prefill=True,
             **self.engine_options,
             **(extra_engine_args or {}),
         )
-        self.model_vocab_rows = int(self._llm.llm_engine.model_config.get_vocab_size())
         self.max_model_len = int(self._llm.llm_engine.model_config.max_model_len)
-        self.num_padded = max(0, self.model_vocab_rows - self.vocab_size)
-        self._warned_full_rows = False
-        self.eos_ids = _eos_ids(self.tokenizer, self.teacher.path)
-        # Generation never samples a padded row, so no padded id can enter input_ids.
-        self._allowed_ids = list(range(self.vocab_size)) if self.num_padded else None
-        # An engine still up at interpreter exit can abort the process (see close()).
-        atexit.register(self.close)
+        atexit.register(self.close)  # an engine still up at interpreter exit can abort the process
         self._probe()
 
     # ------------------------------------------------------------------ API
@@ -160,333 +143,82 @@ class VLLMBackend(TeacherBackend):
         desc = teacher_description(self.teacher, self.dtype, backend=self.name)
         desc.update(
             engine=f"vllm {vllm.__version__}",
+            scoring_path=self.scoring_path,
             tokenizer_vocab_size=self.vocab_size,
             model_vocab_rows=self.model_vocab_rows,
-            logprob_normalization="all model logit rows (padded-row mass stays in the tail)",
-            engine_options={k: v for k, v in self.engine_options.items() if v is not None},
+            logprob_normalization="tokenizer vocabulary (padded rows dropped before the log-softmax)",
+            engine_options=dict(self.engine_options),
         )
         return desc
 
     def score(self, examples: Sequence[TokenizedExample], settings: ScoringSettings) -> Iterator[TeacherScores]:
-        """Teacher-forced scoring; yields one ``TeacherScores`` per example, in input order.
-
-        Examples go to the engine in as few ``llm.generate`` calls as ``max_logprob_entries``
-        allows (vLLM holds every request's log-prob lists until a call returns).
-        """
-        validate_request(examples, settings, self.vocab_size)
-        for ex in examples:
-            self._check_length(ex)
-        k = settings.top_k
-        if settings.num_samples > 0:
-            self._warn_full_rows()
-            requested, width = -1, self.model_vocab_rows + 1
-        else:
-            requested = k + min(self.num_padded, PAD_MARGIN) if k else 0
-            width = requested + 1
-        for group in _groups_by_entries(examples, width, self.max_logprob_entries):
-            if requested == -1:
-                with _prompt_logprobs_as_arrays():
-                    outs = self._prompt_logprobs(group, requested)
-                for ex, out in zip(group, outs):
-                    yield self._full_vocab_scores(ex, out.prompt_logprobs, settings)
-                continue
-            outs = self._prompt_logprobs(group, requested)
-            results = [self._topk_scores(ex, out.prompt_logprobs, k) for ex, out in zip(group, outs)]
-            del outs
-            retry = [i for i, r in enumerate(results) if r is None]
-            if retry:  # some position had > PAD_MARGIN padded ids among its top candidates
-                again = self._prompt_logprobs([group[i] for i in retry], k + self.num_padded)
-                for i, out in zip(retry, again):
-                    results[i] = self._topk_scores(group[i], out.prompt_logprobs, k)
-            yield from results  # type: ignore[misc]
-
-    def generate(
-        self, examples: Sequence[TokenizedExample], settings: ScoringSettings, gen: GenerationSettings
-    ) -> Iterator[TeacherScores]:
-        """The teacher continues each prompt; generated tokens become the targets.
-
-        Request ``i`` samples with seed ``gen.seed + seq_id`` (batching-independent).
-        Recorded log-probs are raw (temperature 1, before top-p), over all logit rows.
-        """
-        from vllm import SamplingParams
+        """Teacher-forced scoring of ``examples`` in one engine call; one result per example, in order."""
         from vllm.inputs import TokensPrompt
 
         validate_request(examples, settings, self.vocab_size)
-        full = settings.num_samples > 0
-        if full:
-            self._warn_full_rows()
-        k = settings.top_k
-        requested = -1 if full else (k + self.num_padded if k else 0)
-        params = []
         for ex in examples:
-            if ex.num_tokens + 1 > self.max_model_len:
-                raise KdcacheError(f"{ex.source}: prompt of {ex.num_tokens} tokens leaves no room to generate "
-                                   f"(max_model_len {self.max_model_len})")
-            params.append(
-                SamplingParams(
-                    temperature=gen.temperature,
-                    top_p=gen.top_p,
-                    max_tokens=max(1, min(gen.budget(ex.num_tokens), self.max_model_len - ex.num_tokens)),
-                    seed=gen.seed + ex.seq_id,
-                    logprobs=requested,
-                    flat_logprobs=True,
-                    detokenize=False,
-                    stop_token_ids=self.eos_ids,
-                    allowed_token_ids=self._allowed_ids,
-                )
-            )
-        width = self.model_vocab_rows + 1 if full else requested + 1
-        starts = _group_starts([gen.max_new_tokens] * len(examples), width, self.max_logprob_entries)
-        for lo, hi in zip(starts, starts[1:]):
-            prompts = [TokensPrompt(prompt_token_ids=ex.input_ids.tolist()) for ex in examples[lo:hi]]
-            outs = self._llm.generate(prompts, params[lo:hi], use_tqdm=False)
-            yield from self._generated_scores(examples[lo:hi], outs, settings)
-
-    def _generated_scores(self, examples: Sequence[TokenizedExample], outs: list,
-                          settings: ScoringSettings) -> Iterator[TeacherScores]:
-        """``TeacherScores`` of prompt + completion, the generated tokens being the targets."""
-        full = settings.num_samples > 0
-        k = settings.top_k
+            self._check_length(ex)
+        spec = spec_for(settings.top_k, settings.num_samples, settings.sample_tail, settings.draws, settings.seed,
+                        self.vocab_size)
+        prompts, params = [], []
+        for ex in examples:
+            last = int(ex.target_positions[-1])
+            prompts.append(TokensPrompt(prompt_token_ids=ex.input_ids[: last + 1].tolist()))
+            params.append(self._params(ex.seq_id, ex.target_positions, spec))
+        outs = self._encode(prompts, params)
         for ex, out in zip(examples, outs):
-            completion = out.outputs[0]
-            gen_ids = np.asarray(completion.token_ids, dtype=np.int32)
-            ids, lps = _flat_rows(completion.logprobs, len(gen_ids), first_position=0)
-            input_ids = np.concatenate([ex.input_ids.astype(np.int32), gen_ids])
-            positions = np.arange(ex.num_tokens, ex.num_tokens + len(gen_ids), dtype=np.int32)
-            rows = np.arange(len(gen_ids))
-            if full:
-                yield self._scores_from_dense(ex, input_ids, positions, ids, lps, rows, settings)
-            else:
-                yield self._assemble(ex, input_ids, positions, ids[:, 0], ids[:, 1:], lps[:, 0], lps[:, 1:], k)
+            yield scores_from_statistics(ex.seq_id, ex.source, ex.input_ids, ex.target_positions,
+                                         out.outputs.data.numpy(), spec)
 
-    def close(self, shutdown_timeout_s: float = 60.0) -> None:
+    def generate(self, examples: Sequence[TokenizedExample], settings: ScoringSettings,
+                 gen: GenerationSettings) -> Iterator[TeacherScores]:
+        raise KdcacheError("the statistics engine scores given text; --mode generate runs on the generation engine")
+
+    def close(self) -> None:
         """Shut the engine processes down (idempotent)."""
         llm = getattr(self, "_llm", None)
         if llm is None:
             return
         self._llm = None
         atexit.unregister(self.close)
-        client = llm.llm_engine.engine_core
-        try:
-            # vLLM's default grace (5 s) ends in a force kill after large requests.
-            client.shutdown(timeout=shutdown_timeout_s)
-            # The client's output thread closes its zmq socket after the shutdown signal; a
-            # daemon thread still inside zmq at interpreter exit aborts the process.
-            thread = getattr(client, "output_queue_thread", None)
-            if thread is not None:
-                thread.join(timeout=shutdown_timeout_s)
-        except Exception:  # noqa: BLE001 - best effort at teardown
-            logger.debug("vLLM engine shutdown raised", exc_info=True)
-        del llm
-        gc.collect()
+        close_engine(llm)
 
     # ------------------------------------------------------------ internals
 
+    def _params(self, seq_id: int, positions: np.ndarray, spec) -> Any:  # noqa: ANN001 - StatsSpec
+        from vllm.pooling_params import PoolingParams
+
+        from kdcache.teacher.vllm_model import REQUEST_KEY
+
+        request = {"seq_id": int(seq_id), "spans": target_spans(positions), "spec": spec.to_json(),
+                   "chunk_bytes": self.stats_chunk_bytes}
+        return PoolingParams(task="token_classify", extra_kwargs={REQUEST_KEY: request})
+
+    def _encode(self, prompts: list, params: list) -> list:
+        if not prompts:
+            return []
+        return self._llm.encode(prompts, pooling_params=params, pooling_task="token_classify", use_tqdm=False)
+
     def _probe(self) -> None:
-        """Score two tokens once: some builds start an engine whose first forward fails (vLLM
-        CPU 0.32's AVX2 library lacks the 4-bit ``cpu_gemm_wna16`` kernel), and ``auto`` must
-        learn that while it can still fall back."""
-        probe = TokenizedExample(-1, "probe", np.zeros(2, dtype=np.int32), np.ones(1, dtype=np.int32))
+        """Score one position once: an engine can start and still fail at its first forward
+        (vllm-cpu 0.32's AVX2 library lacks the 4-bit ``cpu_gemm_wna16`` kernel), and ``auto``
+        must learn that while it can still fall back."""
+        from vllm.inputs import TokensPrompt
+
+        spec = spec_for(1, 1, True, "systematic", 0, self.vocab_size)
         try:
-            self._prompt_logprobs([probe], 1)
+            out = self._encode([TokensPrompt(prompt_token_ids=[0, 0])], [self._params(0, np.array([1]), spec)])
+            if tuple(out[0].outputs.data.shape) != (1, spec.layout.width):
+                raise RuntimeError(f"statistics of shape {tuple(out[0].outputs.data.shape)} from the engine")
         except Exception as exc:  # noqa: BLE001 - the engine reports many error types
             self.close()
             raise EngineUnusable(
-                f"{self.teacher.spec}: vLLM started but cannot run this teacher ({first_line(exc)}); "
-                "the engine log names the cause; the hf backend can load it"
+                f"{self.teacher.spec}: vLLM started but cannot run this teacher as kdcache's statistics model "
+                f"({first_line(exc)}); the hf backend can load it"
             ) from None
 
     def _check_length(self, ex: TokenizedExample) -> None:
-        if ex.num_tokens + 1 > self.max_model_len:  # a scoring request also "generates" one token
-            raise KdcacheError(f"{ex.source}: {ex.num_tokens} tokens exceed the engine's max_model_len "
-                               f"{self.max_model_len} (lower --max-length or raise max_model_len)")
-
-    def _prompt_logprobs(self, examples: Sequence[TokenizedExample], num: int) -> list:
-        """One engine call; ``num`` log-probs per prompt position (-1: the whole vocabulary)."""
-        from vllm import SamplingParams
-        from vllm.inputs import TokensPrompt
-
-        if not examples:
-            return []
-        params = SamplingParams(prompt_logprobs=num, flat_logprobs=True, detokenize=False, max_tokens=1)
-        prompts = [TokensPrompt(prompt_token_ids=ex.input_ids.tolist()) for ex in examples]
-        return self._llm.generate(prompts, params, use_tqdm=False)
-
-    def _topk_scores(self, ex: TokenizedExample, flat: Any, k: int) -> TeacherScores | None:
-        """``TeacherScores`` from a top-K prompt-logprob result; None if a row lacks k real ids."""
-        ids, lps = _flat_rows(flat, ex.num_tokens - 1, first_position=1)
-        rows = ex.target_positions.astype(np.int64) - 1
-        ids, lps = ids[rows], lps[rows]
-        return self._assemble(ex, ex.input_ids.astype(np.int32), ex.target_positions, ids[:, 0],
-                              ids[:, 1:], lps[:, 0], lps[:, 1:], k)
-
-    def _assemble(
-        self, ex: TokenizedExample, input_ids: np.ndarray, positions: np.ndarray, actual_ids: np.ndarray,
-        cand_ids: np.ndarray, actual_lps: np.ndarray, cand_lps: np.ndarray, k: int,
-    ) -> TeacherScores | None:
-        positions = np.asarray(positions, dtype=np.int32)
-        if len(positions) == 0:  # nothing supervised: keep the [0, k] shapes
-            cand_ids = np.zeros((0, max(k, 1)), dtype=np.int64)
-            cand_lps = np.zeros((0, max(k, 1)), dtype=np.float32)
-        if not np.array_equal(actual_ids, input_ids[positions]):
-            raise RuntimeError(f"{ex.source}: vLLM returned log-probs for different tokens than sent")
-        scores = TeacherScores(ex.seq_id, ex.source, input_ids, positions, actual_lps.astype(np.float32))
-        if k:
-            topk_ids, topk_lps, complete = select_real_topk(cand_ids, cand_lps, self.vocab_size, k)
-            if not complete.all():
-                return None
-            scores.topk_ids, scores.topk_logprobs = topk_ids, topk_lps
-            scores.tail_logmass = tail_logmass_from_topk(topk_lps)
-        return scores
-
-    def _warn_full_rows(self) -> None:
-        """Once per backend: a sampled run pays for whole vocabulary rows on the host."""
-        if not self._warned_full_rows:
-            self._warned_full_rows = True
-            logger.warning(
-                "vLLM hands sampled runs whole vocabulary rows (%d per token), which the host turns into draws at "
-                "a few hundred tokens/s per core (benchmarks/bench_full_rows.py); --backend hf draws where the "
-                "logits are", self.model_vocab_rows)
-
-    def _full_vocab_scores(self, ex: TokenizedExample, chunks: Any, settings: ScoringSettings) -> TeacherScores:
-        ids, lps = _array_rows(chunks, ex.num_tokens - 1)
-        rows = ex.target_positions.astype(np.int64) - 1
-        return self._scores_from_dense(ex, ex.input_ids.astype(np.int32), ex.target_positions, ids, lps, rows,
-                                       settings)
-
-    def _scores_from_dense(
-        self, ex: TokenizedExample, input_ids: np.ndarray, positions: np.ndarray, ids: np.ndarray,
-        lps: np.ndarray, rows: np.ndarray, settings: ScoringSettings,
-    ) -> TeacherScores:
-        """Top-k and samples from full-vocabulary rows (``ids``/``lps``: ``[R, 1 + rows]``)."""
-        k = settings.top_k
-        scores = self._assemble(ex, input_ids, positions, ids[rows, 0], ids[rows, 1:], lps[rows, 0],
-                                lps[rows, 1:], k)
-        assert scores is not None  # every real id is among the candidates
-        scores.sample_offsets, scores.sample_ids, scores.sample_counts = draws_from_rows(
-            ids[rows, 1:], lps[rows, 1:], self.model_vocab_rows, self.vocab_size, settings,
-            sequence_rng(settings.seed, ex.seq_id), scores.topk_ids,
-        )
-        return scores
-
-
-def draws_from_rows(
-    ids: np.ndarray, lps: np.ndarray, model_rows: int, vocab_size: int, settings: ScoringSettings,
-    rng: np.random.Generator, topk_ids: np.ndarray,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The draws of ``R`` positions from vLLM's full-vocabulary rows, on the host.
-
-    Args:
-        ids, lps: ``[R, model_rows]`` every logit row's id and log-prob, in vLLM's rank order.
-        model_rows: the model's logit rows; ids ``>= vocab_size`` (padding) are never drawn.
-        topk_ids: ``[R, k]`` the positions' top-k, excluded with ``settings.sample_tail``.
-
-    Returns :func:`kdcache.teacher.sampling.draw_counts`'s ``(offsets, ids, counts)``. The
-    rows are scattered into id order first, since the draws walk the CDF in id order; at
-    ``V`` ids per row this costs O(V) per position (``benchmarks/bench_full_rows.py``).
-    """
-    dense = np.full((ids.shape[0], model_rows), -np.inf, dtype=np.float32)
-    np.put_along_axis(dense, ids.astype(np.int64), lps, axis=1)
-    return draw_counts(rng, dense[:, :vocab_size], settings.num_samples,
-                       topk_ids if settings.sample_tail else None, settings.draws)
-
-
-def _flat_rows(flat: Any, num_rows: int, first_position: int) -> tuple[np.ndarray, np.ndarray]:
-    """``FlatLogprobs`` -> ``(ids int64 [R, W], logprobs float32 [R, W])`` for positions
-    ``first_position .. first_position + R - 1``; every such position has the same width ``W``
-    (the scored token, then ranks 1..K), which is what vLLM produces for one request.
-    """
-    if num_rows <= 0 or flat is None:
-        return np.zeros((0, 1), dtype=np.int64), np.zeros((0, 1), dtype=np.float32)
-    start = flat.start_indices[first_position]
-    end = flat.end_indices[first_position + num_rows - 1]
-    width = flat.end_indices[first_position] - start
-    if width <= 0 or end - start != width * num_rows or len(flat.start_indices) != first_position + num_rows:
-        raise RuntimeError("unexpected FlatLogprobs layout from vLLM (positions of unequal width)")
-    count = end - start
-    ids = np.fromiter(flat.token_ids[start:end] if start else flat.token_ids, dtype=np.int64, count=count)
-    lps = np.fromiter(flat.logprobs[start:end] if start else flat.logprobs, dtype=np.float32, count=count)
-    return ids.reshape(num_rows, width), lps.reshape(num_rows, width)
-
-
-class _ArrayChunks(list):
-    """Prompt log-probs of one request as the ``(token_ids, logprobs)`` arrays vLLM sent, one
-    pair per prefill chunk (each ``[rows, 1 + K]``: the scored token, then ranks 1..K)."""
-
-
-@contextlib.contextmanager
-def _prompt_logprobs_as_arrays() -> Iterator[None]:
-    """While active, vLLM keeps prompt log-probs as arrays (:class:`_ArrayChunks`) instead of
-    building a Python object per entry. Only for calls whose requests all want full rows."""
-    from vllm.v1.engine.logprobs import LogprobsProcessor
-
-    original = LogprobsProcessor._update_prompt_logprobs
-
-    def keep_arrays(self, tensors) -> None:  # noqa: ANN001 - vLLM's LogprobsTensors
-        token_ids, logprobs = tensors[0], tensors[1]
-        if not isinstance(self.prompt_logprobs, _ArrayChunks):
-            self.prompt_logprobs = _ArrayChunks()
-        self.prompt_logprobs.append((np.asarray(token_ids), np.asarray(logprobs, dtype=np.float32)))
-
-    LogprobsProcessor._update_prompt_logprobs = keep_arrays
-    try:
-        yield
-    finally:
-        LogprobsProcessor._update_prompt_logprobs = original
-
-
-def _array_rows(chunks: Any, num_rows: int) -> tuple[np.ndarray, np.ndarray]:
-    """:class:`_ArrayChunks` -> ``(ids int64 [R, W], logprobs float32 [R, W])`` for prompt
-    positions ``1 .. R``, like :func:`_flat_rows`."""
-    if num_rows <= 0 or not chunks:
-        return np.zeros((0, 1), dtype=np.int64), np.zeros((0, 1), dtype=np.float32)
-    if not isinstance(chunks, _ArrayChunks):
-        raise RuntimeError("vLLM returned prompt log-probs as objects where arrays were expected")
-    ids = np.concatenate([c[0] for c in chunks]).astype(np.int64, copy=False)
-    lps = np.concatenate([c[1] for c in chunks])
-    if ids.shape[0] != num_rows or ids.shape != lps.shape:
-        raise RuntimeError(f"unexpected prompt log-prob arrays from vLLM: {ids.shape} for {num_rows} positions")
-    return ids, lps
-
-
-def _group_starts(positions: Sequence[int], width: int, budget: int) -> list[int]:
-    """Boundaries ``[0, ..., n]`` of consecutive groups holding at most ``budget`` log-prob
-    entries (``positions[i] * width`` each); an item larger than the budget stands alone."""
-    starts, used = [0], 0
-    for i, n in enumerate(positions):
-        cost = max(1, n) * width
-        if i > starts[-1] and used + cost > budget:
-            starts.append(i)
-            used = 0
-        used += cost
-    starts.append(len(positions))
-    return starts
-
-
-def _groups_by_entries(examples: Sequence[TokenizedExample], width: int, budget: int) -> Iterator[list]:
-    """``examples`` split by ``_group_starts`` over their scored positions (``L - 1`` each)."""
-    starts = _group_starts([ex.num_tokens - 1 for ex in examples], width, budget)
-    for lo, hi in zip(starts, starts[1:]):
-        yield list(examples[lo:hi])
-
-
-def _config_vocab_rows(model_dir: Path) -> int | None:
-    import json
-
-    config = json.loads((Path(model_dir) / "config.json").read_text())
-    rows = config.get("vocab_size") or (config.get("text_config") or {}).get("vocab_size")
-    return int(rows) if rows else None
-
-
-def _eos_ids(tokenizer: Any, model_dir: Path) -> list[int]:
-    """EOS ids from the tokenizer and ``generation_config.json`` (the engine has no tokenizer)."""
-    import json
-
-    ids = set()
-    if tokenizer.eos_token_id is not None:
-        ids.add(int(tokenizer.eos_token_id))
-    gen_path = Path(model_dir) / "generation_config.json"
-    if gen_path.exists():
-        eos = json.loads(gen_path.read_text()).get("eos_token_id")
-        ids.update([eos] if isinstance(eos, int) else (eos or []))
-    return sorted(i for i in ids if i < len(tokenizer))
+        needed = int(ex.target_positions[-1]) + 1
+        if needed > self.max_model_len:
+            raise KdcacheError(f"{ex.source}: {needed} tokens exceed the engine's max_model_len {self.max_model_len} "
+                               "(lower --max-length or raise --max-model-len)")

