@@ -396,15 +396,14 @@ def save_best_distributed(directory: Path, *, env, step: torch.nn.Module, tokeni
 
 def load_checkpoint_distributed(
     directory: Path, *, env, step: torch.nn.Module, optimizer: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.LRScheduler, lora: bool, random_ops: list[str],
+    scheduler: torch.optim.lr_scheduler.LRScheduler, lora: bool, restore_rng: bool,
 ) -> TrainerState:
-    """Restore a distributed run from ``directory`` (any number of ranks, see :func:`check_resume_layout`).
+    """Restore a distributed run from ``directory`` on any number of ranks (the caller checked
+    :func:`check_resume_layout`, which says whether the per-rank RNG states apply).
 
     Full fine-tuning loads weights and optimizer from ``dcp/``; LoRA runs were built from
     ``adapter/`` by the caller and load ``optimizer.pt`` here.
     """
-    restore_rng = check_resume_layout(directory, storage="files" if lora else "dcp", world_size=env.world_size,
-                                      random_ops=random_ops)
     try:
         if lora:
             optimizer.load_state_dict(torch.load(directory / "optimizer.pt", map_location="cpu", weights_only=False))

@@ -420,7 +420,7 @@ def decoder_layers(body: nn.Module) -> list[nn.Module]:
     return list(max(lists, key=len))
 
 
-def shard_fsdp2(step: nn.Module, amp: torch.dtype | None) -> nn.Module:
+def shard_fsdp2(step: nn.Module, amp: torch.dtype | None, device: torch.device) -> nn.Module:
     """Shard a :class:`kdcache.student.modeling.StudentStep` (full fine-tuning) with FSDP2, in place.
 
     Units: every decoder layer; the body's own weights (embeddings, final norm) unless the
@@ -429,20 +429,24 @@ def shard_fsdp2(step: nn.Module, amp: torch.dtype | None) -> nn.Module:
     among them, are gathered whole for :func:`kdcache.student.chunked.chunked_kd_loss` and its
     weight gradient is reduce-scattered after backward. Master weights stay in their dtype
     (float32 by default); with bf16 compute (``amp``) the gathered copies are bf16 and
-    gradients are reduced in float32. Gradients are summed over ranks, not averaged.
+    gradients are reduced in float32. Gradients are summed over ranks, not averaged. Weights
+    still on the CPU move to ``device`` one unit at a time.
     """
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
     from kdcache.student.modeling import decoder_body, lm_head_params
 
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
     policy = MixedPrecisionPolicy(param_dtype=amp, reduce_dtype=torch.float32 if amp is not None else None)
     body = decoder_body(step.model)
     for layer in decoder_layers(body):
-        fully_shard(layer, mp_policy=policy)
+        fully_shard(layer, mesh=mesh, mp_policy=policy)
     head_weight = lm_head_params(step.model)[0]
     if head_weight is not body.get_input_embeddings().weight:
-        fully_shard(body, mp_policy=policy)
-    fully_shard(step, mp_policy=policy)
+        fully_shard(body, mesh=mesh, mp_policy=policy)
+    fully_shard(step, mesh=mesh, mp_policy=policy)
     for module in step.modules():
         if isinstance(module, FSDPModule):
             module.set_gradient_divide_factor(1.0)

@@ -394,8 +394,13 @@ def train_student(cfg: TrainConfig, *, on_step: Callable[[int, dict], None] | No
         return _train(cfg, DistEnv(), on_step)
     if not env.is_main:
         logger.setLevel(logging.ERROR)  # rank 0 speaks for the run
-    with sigterm_raises():
-        summary = _train(cfg, env, on_step)
+    try:
+        with sigterm_raises():
+            summary = _train(cfg, env, on_step)
+    except RankError:
+        raise
+    except KdcacheError as exc:
+        raise RankError(f"rank {env.rank}: {exc}") from None
     env.close()
     return summary
 
@@ -480,7 +485,7 @@ def _train(cfg: TrainConfig, env: DistEnv, on_step: Callable[[int, dict], None] 
     random_ops = uses_dropout(model)
     step_module: nn.Module = model  # what forward_backward / evaluate / checkpoints get
     if fsdp:
-        step_module = shard_fsdp2(StudentStep(model), amp)
+        step_module = shard_fsdp2(StudentStep(model), amp, device)
     elif distributed:
         step_module = wrap_ddp(StudentStep(model), device)
     if env.rank:
@@ -496,11 +501,12 @@ def _train(cfg: TrainConfig, env: DistEnv, on_step: Callable[[int, dict], None] 
     # 3. Resume.
     state = ckpt.TrainerState()
     if resuming:
+        restore_rng = env.agree(lambda: ckpt.check_resume_layout(
+            last_dir, storage="dcp" if fsdp else "files", world_size=env.world_size, random_ops=random_ops))
         if distributed:
             state = ckpt.load_checkpoint_distributed(last_dir, env=env, step=step_module, optimizer=optimizer,
-                                                     scheduler=scheduler, lora=lora is not None, random_ops=random_ops)
+                                                     scheduler=scheduler, lora=lora is not None, restore_rng=restore_rng)
         else:
-            restore_rng = ckpt.check_resume_layout(last_dir, storage="files", world_size=1, random_ops=random_ops)
             state = ckpt.load_training_state(last_dir, optimizer, scheduler, restore_rng=restore_rng)
 
         def prune_best() -> None:
