@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
+import sys
 
 import click
 
@@ -59,7 +60,7 @@ def _runtime_options(func, dtype_help: str = "Weight dtype: auto (float32 master
     options = [
         click.option("--micro-batch-tokens", type=int, default=8192, show_default=True,
                      help="Tokens per forward pass (sequences are packed up to this budget); the main memory knob."),
-        click.option("--device", default="auto", show_default=True, help="auto (cuda > mps > cpu), cpu, cuda, cuda:1, ..."),
+        click.option("--device", default="auto", show_default=True, help="auto (cuda > mps > cpu), cpu, cuda, cuda:1, ... Under a launcher: auto, cuda (the GPU of LOCAL_RANK) or cpu."),
         click.option("--dtype", default="auto", show_default=True, help=dtype_help),
         click.option("--autocast", type=click.Choice(["auto", "bf16", "none"]), default="auto", show_default=True,
                      help="bf16 autocast of the forward pass (auto: on CUDA GPUs with bf16)."),
@@ -86,7 +87,7 @@ def _runtime_options(func, dtype_help: str = "Weight dtype: auto (float32 master
 @_loss_options
 @click.option("--epochs", type=int, default=1, show_default=True, help="Passes over the cache (ignored with --max-steps).")
 @click.option("--max-steps", type=int, default=None, help="Optimizer steps to run (overrides --epochs).")
-@click.option("--global-batch-size", type=int, default=32, show_default=True, help="Sequences per optimizer step (gradient accumulation over micro-batches).")
+@click.option("--global-batch-size", type=int, default=32, show_default=True, help="Sequences per optimizer step over all ranks (each rank packs its share into micro-batches and accumulates).")
 @click.option("--lr", type=float, default=None, help="Peak learning rate  [default: 2e-4 with LoRA, 2e-5 full fine-tuning]")
 @click.option("--weight-decay", type=float, default=0.0, show_default=True, help="AdamW weight decay (matrices only).")
 @click.option("--warmup-ratio", type=float, default=0.03, show_default=True, help="Share of the steps spent in linear warmup.")
@@ -117,12 +118,26 @@ def train_student(**options) -> None:
 
     OUTPUT/model is a standalone model (LoRA merged in) loadable by transformers and vLLM;
     OUTPUT/COMPLETE marks a finished run. Interrupted runs continue with --resume.
+
+    Multi-GPU: start it with a launcher, e.g. `torchrun --nproc_per_node 8 -m kdcache train-student ...`
+    or `srun python -m kdcache train-student ...`: full fine-tuning is sharded with FSDP2, LoRA
+    runs under DDP, and --global-batch-size counts sequences over all ranks.
     """
+    from kdcache.student.distributed import RankError, detect_launch
     from kdcache.student.train import TrainConfig, train_student as run
 
     if not options["progress"]:
         _quiet_transformers()
-    summary = run(TrainConfig(**options))
+    try:
+        summary = run(TrainConfig(**options))
+    except RankError as exc:
+        # Under a launcher: the rank that failed says why; ranks that only repeat it stay quiet.
+        if not exc.quiet:
+            click.echo(f"kdcache: error: {exc}", err=True)
+        sys.exit(2)
+    launch = detect_launch()
+    if launch is not None and launch.rank != 0:
+        return  # rank 0 reports the run
     best = ""
     if summary.get("best_step") is not None:
         best = f"; best eval {summary['best_metric']} {summary['best_value']:.4f} at step {summary['best_step']}"

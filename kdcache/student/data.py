@@ -26,9 +26,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from kdcache.cache.reader import CacheReader
+from kdcache.cache.reader import CacheReader, decode_batch
 from kdcache.cache.records import TeacherScores
-from kdcache.errors import KdcacheError
+from kdcache.errors import KdcacheError, first_line
 from kdcache.student.losses import TeacherTargets
 
 
@@ -131,6 +131,109 @@ class GlobalBatches:
             if batch:
                 return batch, epoch
         raise KdcacheError(f"{self.reader.path}: the cache yields no sequences with supervised tokens")
+
+
+def read_rows(reader: CacheReader, shard_index: int, rows: list[int]) -> list[TeacherScores]:
+    """Decode only ``rows`` (0-based, within the shard) of one shard, in the order given.
+
+    The shard is checked and read as a whole (Parquet pages), but only these rows are
+    decoded into :class:`TeacherScores` (``table.take`` before kdcache's decode), so ranks
+    that split a shard's rows each pay for their own part of the decoding.
+    """
+    if not rows:
+        return []
+    shard = reader.shards[shard_index]
+    pf, id_table = reader.open_shard(shard)
+    path = reader.shard_path(shard)
+    try:
+        table = pf.read().take(np.asarray(rows, dtype=np.int64))
+        return [seq for batch in table.to_batches() for seq in decode_batch(batch, id_table, reader.top_k)]
+    except KdcacheError:
+        raise
+    except Exception as exc:  # damaged pages surface as ArrowInvalid/OSError
+        raise KdcacheError(f"{path}: damaged shard ({first_line(exc)}); run `kdcache verify`") from exc
+
+
+class RankBatches:
+    """This rank's share of the global batches of :class:`GlobalBatches`, read without the rest.
+
+    The global order is the one :func:`iter_epoch` gives (it does not depend on the number of
+    ranks); global batch ``b`` is the sequences at epoch positions ``[b*B, (b+1)*B)``. Its
+    ``i``-th sequence belongs to rank ``i % world_size``, so the ranks' parts are disjoint and
+    together are the global batch. A window is read when it is reached and only this rank's
+    rows of it are decoded (:func:`read_rows`); they are kept until the window is done (memory:
+    ``1 / world_size`` of a window). ``position`` after ``next()`` is the same
+    :class:`DataPosition` a single process records, so a checkpoint resumes on any number of
+    ranks. Sequences without targets (none in a valid cache) keep their slot here but carry no
+    loss.
+
+    ``next()`` returns ``(sequences of this rank, epoch, size of the global batch)``.
+    """
+
+    def __init__(self, reader: CacheReader, batch_size: int, seed: int, start: DataPosition = DataPosition(),
+                 window_shards: int = 1, shuffle: bool = True, rank: int = 0, world_size: int = 1) -> None:
+        if len(reader) == 0:
+            raise KdcacheError(f"{reader.path}: the cache yields no sequences with supervised tokens")
+        self.reader, self.batch_size, self.seed = reader, batch_size, seed
+        self.window_shards, self.shuffle, self.rank, self.world_size = window_shards, shuffle, rank, world_size
+        self.position = start
+        self._window_key: tuple[int, int] | None = None
+        self._rows: dict[int, TeacherScores] = {}
+
+    def _windows(self, epoch: int) -> list[list[int]]:
+        return epoch_windows(len(self.reader.shards), self.seed, epoch, self.window_shards, self.shuffle)
+
+    def _window_size(self, shards: list[int]) -> int:
+        return sum(int(self.reader.shards[i]["rows"]) for i in shards)
+
+    def _load_window(self, epoch: int, w: int, shards: list[int], first_pos: int) -> None:
+        """Decode this rank's rows of window ``w`` (epoch position of its first row: ``first_pos``)."""
+        n = self._window_size(shards)
+        order = np.random.default_rng([self.seed, epoch, 1, w]).permutation(n) if self.shuffle else np.arange(n)
+        offsets = np.arange(n)
+        mine = offsets[((first_pos + offsets) % self.batch_size) % self.world_size == self.rank]
+        starts = np.cumsum([0] + [int(self.reader.shards[i]["rows"]) for i in shards])
+        local = order[mine]  # row index within the window, shards concatenated in window order
+        which = np.searchsorted(starts, local, side="right") - 1
+        self._rows = {}
+        for k, shard_index in enumerate(shards):
+            sel = np.flatnonzero(which == k)
+            rows = (local[sel] - starts[k]).tolist()
+            order_rows = np.argsort(rows, kind="stable")  # read in stored order
+            seqs = read_rows(self.reader, shard_index, [rows[i] for i in order_rows])
+            for i, seq in zip(order_rows, seqs):
+                self._rows[int(mine[sel[i]])] = seq
+        self._window_key = (epoch, w)
+
+    def __iter__(self) -> RankBatches:
+        return self
+
+    def __next__(self) -> tuple[list[TeacherScores], int, int]:
+        pos = self.position
+        windows = self._windows(pos.epoch)
+        sizes = [self._window_size(s) for s in windows]
+        if pos.window >= len(windows) or (pos.window == len(windows) - 1 and pos.offset >= sizes[-1]):
+            pos = DataPosition(pos.epoch + 1)
+            windows = self._windows(pos.epoch)
+            sizes = [self._window_size(s) for s in windows]
+        epoch, w, offset = pos.epoch, pos.window, pos.offset
+        epoch_pos = sum(sizes[:w]) + offset
+        batch: list[TeacherScores] = []
+        taken = 0
+        while taken < self.batch_size and w < len(windows):
+            if offset >= sizes[w]:
+                w, offset = w + 1, 0
+                continue
+            if self._window_key != (epoch, w):
+                self._load_window(epoch, w, windows[w], epoch_pos - offset)
+            if ((epoch_pos) % self.batch_size) % self.world_size == self.rank:
+                batch.append(self._rows.pop(offset))
+            offset += 1
+            epoch_pos += 1
+            taken += 1
+        # As GlobalBatches: a batch cut short by the end of the epoch leaves the next epoch's start.
+        self.position = DataPosition(epoch + 1) if w >= len(windows) else DataPosition(epoch, w, offset)
+        return batch, epoch, taken
 
 
 # ------------------------------------------------------------------------------- packing
@@ -269,6 +372,25 @@ def build_micro_batch(
     )
 
 
+def padding_micro_batch(top_k: int, with_samples: bool = False) -> MicroBatch:
+    """A one-token micro-batch without targets: what a rank runs while another still has work
+    (its loss and gradients are exactly zero, but FSDP2's gathers and reductions take place)."""
+    empty = torch.zeros(0, dtype=torch.int64)
+    targets = TeacherTargets()
+    if top_k > 0:
+        targets.topk_ids = torch.zeros((0, top_k), dtype=torch.int64)
+        targets.topk_logprobs = torch.zeros((0, top_k), dtype=torch.float32)
+        targets.tail_logmass = torch.zeros(0, dtype=torch.float32)
+    if with_samples:
+        targets.sample_ids = torch.full((0, 1), -1, dtype=torch.int64)
+        targets.sample_weights = torch.zeros((0, 1), dtype=torch.float32)
+    return MicroBatch(
+        input_ids=torch.zeros((1, 1), dtype=torch.int64), position_ids=torch.zeros((1, 1), dtype=torch.int64),
+        seq_lengths=[1], hidden_index=empty, gold_ids=empty, targets=targets,
+        teacher_logprobs=torch.zeros(0, dtype=torch.float32),
+    )
+
+
 def micro_batches(
     seqs: list[TeacherScores], max_tokens: int, top_k: int, num_draws: int = 0, with_samples: bool = False
 ) -> list[MicroBatch]:
@@ -282,19 +404,41 @@ def iter_eval_batches(
     with_samples: bool = False,
     max_sequences: int | None = None,
     group_sequences: int = 256,
+    rank: int = 0,
+    world_size: int = 1,
 ) -> Iterator[MicroBatch]:
-    """The cache in stored order, packed ``group_sequences`` at a time (streaming)."""
+    """The cache in stored order, packed ``group_sequences`` at a time (streaming).
+
+    With ``world_size > 1``, this rank's share only: sequence ``i`` (stored order, among the
+    first ``max_sequences``) belongs to rank ``i % world_size``, and only those rows are decoded.
+    """
     group: list[TeacherScores] = []
-    seen = 0
-    for seq in reader.iter_sequences():
-        if max_sequences is not None and seen >= max_sequences:
-            break
-        if not seq.num_targets:
-            continue
-        seen += 1
+    for seq in _eval_sequences(reader, max_sequences, rank, world_size):
         group.append(seq)
         if len(group) == group_sequences:
             yield from micro_batches(group, max_tokens, reader.top_k, reader.num_samples, with_samples)
             group = []
     if group:
         yield from micro_batches(group, max_tokens, reader.top_k, reader.num_samples, with_samples)
+
+
+def _eval_sequences(reader: CacheReader, max_sequences: int | None, rank: int, world_size: int) -> Iterator[TeacherScores]:
+    if world_size == 1:
+        seen = 0
+        for seq in reader.iter_sequences():
+            if max_sequences is not None and seen >= max_sequences:
+                return
+            if seq.num_targets:
+                seen += 1
+                yield seq
+        return
+    limit = len(reader) if max_sequences is None else min(max_sequences, len(reader))
+    first = 0
+    for index, shard in enumerate(reader.shards):
+        rows = [r for r in range(int(shard["rows"])) if first + r < limit and (first + r) % world_size == rank]
+        first += int(shard["rows"])
+        for seq in read_rows(reader, index, rows):
+            if seq.num_targets:
+                yield seq
+        if first >= limit:
+            return

@@ -19,9 +19,10 @@ Logits are computed a chunk of positions at a time (never for a whole micro-batc
 
 from __future__ import annotations
 
+import functools
 import math
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -29,7 +30,7 @@ from torch import nn
 from kdcache.cache.reader import CacheReader
 from kdcache.errors import KdcacheError
 from kdcache.student.chunked import choose_chunk_size, head_inputs
-from kdcache.student.data import iter_eval_batches
+from kdcache.student.data import iter_eval_batches, padding_micro_batch
 from kdcache.student.losses import (
     KDLossConfig,
     StudentLogProbs,
@@ -37,7 +38,10 @@ from kdcache.student.losses import (
     kd_per_token,
     sample_neg_entropy,
 )
-from kdcache.student.modeling import decoder_body, hidden_states, lm_head_params
+from kdcache.student.modeling import StudentStep, causal_lm, decoder_body, lm_head_params
+
+if TYPE_CHECKING:
+    from kdcache.student.distributed import DistEnv
 
 METRIC_ORDER = ("loss", "kl", "ce", "ppl", "top1_agree", "teacher_ce", "teacher_ppl", "rs_kl", "tokens", "sequences")
 
@@ -58,6 +62,34 @@ def _student_logprobs(z: torch.Tensor, mb_targets, gold: torch.Tensor, need_tail
     return out
 
 
+def _micro_batch_sums(
+    hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, scale: float, *, mb, top_k: int,
+    with_samples: bool, want_loss: bool, loss_config: KDLossConfig | None, sums: dict[str, float],
+) -> None:
+    """Add one micro-batch's metric sums to ``sums``; logits a chunk of positions at a time."""
+    chunk = choose_chunk_size(weight.shape[0], EVAL_CHUNK_BYTES)
+    hidden, _, _ = head_inputs(hidden, weight, bias, scale, None)  # logits in the head's own dtype
+    for start in range(0, mb.num_targets, chunk):
+        stop = min(mb.num_targets, start + chunk)
+        targets = mb.targets.rows(start, stop)
+        gold = mb.gold_ids[start:stop]
+        z = torch.nn.functional.linear(hidden[start:stop], weight, bias).float()
+        top1 = z.argmax(dim=-1)
+        student = _student_logprobs(z, targets, gold, top_k > 0, with_samples)
+        sums["ce"] += float(-student.gold.sum())
+        if top_k > 0:
+            t = torch.cat([targets.topk_logprobs, targets.tail_logmass[:, None]], dim=-1)
+            s = torch.cat([student.topk, student.tail[:, None]], dim=-1)
+            sums["kl"] += float(forward_kl(t, s).sum())
+            sums["top1"] += float((top1 == targets.topk_ids[:, 0]).sum())
+        if want_loss:
+            kd = float(kd_per_token(student, targets, loss_config).sum())
+            sums["loss"] += (1 - loss_config.ce_weight) * kd + loss_config.ce_weight * float(-student.gold.sum())
+            if loss_config.loss == "rs_kd":
+                sums["rs_kl"] += kd + float(sample_neg_entropy(targets.sample_weights).sum())
+        del z
+
+
 @torch.no_grad()
 def evaluate(
     model: nn.Module,
@@ -70,11 +102,14 @@ def evaluate(
     loss_config: KDLossConfig | None = None,
     max_sequences: int | None = None,
     progress: bool = False,
+    env: DistEnv | None = None,
 ) -> dict[str, float | int]:
     """Metrics of ``model`` on ``cache`` (see the module docstring); restores train mode after.
 
     Args:
-        model: a transformers causal LM or a peft model wrapping one.
+        model: a transformers causal LM or a peft model wrapping one, or a
+            :class:`~kdcache.student.modeling.StudentStep` (sharded with FSDP2 or wrapped in DDP
+            in a distributed run).
         cache: a :class:`CacheReader` or a cache directory.
         micro_batch_tokens: tokens per packed forward pass.
         device: where the model is (default: its parameters' device).
@@ -82,53 +117,42 @@ def evaluate(
         attn_implementation: the model's attention implementation (default: from its config).
         loss_config: also report ``loss``, the objective of this configuration.
         max_sequences: evaluate only the first ``max_sequences`` sequences.
+        env: in a distributed run, each rank evaluates every ``world_size``-th sequence and the
+            sums and counts are all-reduced, so every rank returns the metrics of the whole cache.
     """
     from tqdm.auto import tqdm
 
+    from kdcache.student.distributed import DistEnv as _DistEnv, is_fsdp, lockstep, reshard
+
+    env = env or _DistEnv()
     reader = cache if isinstance(cache, CacheReader) else CacheReader(cache)
-    device = device or next(model.parameters()).device
-    attn = attn_implementation or getattr(model.config, "_attn_implementation", "sdpa") or "sdpa"
+    step = model if hasattr(model, "module") or isinstance(model, StudentStep) else StudentStep(model)
+    inner = getattr(step, "module", step).model
+    device = device or next(inner.parameters()).device
+    attn = attn_implementation or getattr(causal_lm(inner).config, "_attn_implementation", "sdpa") or "sdpa"
     with_samples = (loss_config is not None and loss_config.needs_samples
                     and reader.sampling_mode == loss_config.sampling_mode)
     want_loss = loss_config is not None and (with_samples or (not loss_config.needs_samples and reader.top_k > 0))
-    weight, bias, scale = lm_head_params(model)
-    body_dtype = decoder_body(model).get_input_embeddings().weight.dtype
-    chunk = choose_chunk_size(weight.shape[0], EVAL_CHUNK_BYTES)
+    mask_dtype = autocast_dtype or decoder_body(inner).get_input_embeddings().weight.dtype
     sums = {"loss": 0.0, "kl": 0.0, "ce": 0.0, "top1": 0.0, "teacher_ce": 0.0, "rs_kl": 0.0}
     tokens = sequences = 0
-    was_training = model.training
-    model.eval()
+    was_training = step.training
+    step.eval()
     total = min(len(reader), max_sequences) if max_sequences is not None else len(reader)
     bar = tqdm(total=total, unit="seq", desc="eval", disable=not progress, leave=False, dynamic_ncols=True)
+    batches = iter_eval_batches(reader, micro_batch_tokens, with_samples, max_sequences,
+                                rank=env.rank, world_size=env.world_size)
     try:
-        for mb in iter_eval_batches(reader, micro_batch_tokens, with_samples, max_sequences):
+        for mb, real in lockstep(batches, env, padding_micro_batch(reader.top_k, with_samples)):
             mb = mb.to(device)
-            with torch.autocast(device.type, dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None):
-                hidden = hidden_states(model, mb, attn, autocast_dtype or body_dtype)
-            hidden, _, _ = head_inputs(hidden, weight, bias, scale, None)  # logits in the head's own dtype
-            for start in range(0, mb.num_targets, chunk):
-                stop = min(mb.num_targets, start + chunk)
-                targets = mb.targets.rows(start, stop)
-                gold = mb.gold_ids[start:stop]
-                z = torch.nn.functional.linear(hidden[start:stop], weight, bias).float()
-                top1 = z.argmax(dim=-1)
-                student = _student_logprobs(z, targets, gold, reader.top_k > 0, with_samples)
-                sums["ce"] += float(-student.gold.sum())
-                if reader.top_k > 0:
-                    t = torch.cat([targets.topk_logprobs, targets.tail_logmass[:, None]], dim=-1)
-                    s = torch.cat([student.topk, student.tail[:, None]], dim=-1)
-                    sums["kl"] += float(forward_kl(t, s).sum())
-                    sums["top1"] += float((top1 == targets.topk_ids[:, 0]).sum())
-                if want_loss:
-                    kd = float(kd_per_token(student, targets, loss_config).sum())
-                    sums["loss"] += (1 - loss_config.ce_weight) * kd + loss_config.ce_weight * float(-student.gold.sum())
-                    if loss_config.loss == "rs_kd":
-                        sums["rs_kl"] += kd + float(sample_neg_entropy(targets.sample_weights).sum())
-                del z
-            sums["teacher_ce"] += float(-mb.teacher_logprobs.sum())
-            tokens += mb.num_targets
-            sequences += len(mb.seq_lengths)
-            bar.update(len(mb.seq_lengths))
+            head = functools.partial(_micro_batch_sums, mb=mb, top_k=reader.top_k, with_samples=with_samples,
+                                     want_loss=want_loss, loss_config=loss_config, sums=sums)
+            step(mb, head, attn, mask_dtype, autocast_dtype)
+            if real:
+                sums["teacher_ce"] += float(-mb.teacher_logprobs.sum())
+                tokens += mb.num_targets
+                sequences += len(mb.seq_lengths)
+                bar.update(len(mb.seq_lengths))
     except torch.OutOfMemoryError:
         raise KdcacheError(
             f"out of memory during evaluation (micro-batch of {micro_batch_tokens} tokens); "
@@ -136,7 +160,14 @@ def evaluate(
         ) from None
     finally:
         bar.close()
-        model.train(was_training)
+        step.train(was_training)
+        if is_fsdp(step):
+            reshard(step)
+    if env.enabled:
+        keys = sorted(sums)
+        reduced = env.sum([sums[k] for k in keys] + [tokens, sequences])
+        sums = dict(zip(keys, reduced))
+        tokens, sequences = int(round(reduced[-2])), int(round(reduced[-1]))
     if tokens == 0:
         raise KdcacheError(f"{reader.path}: no supervised tokens to evaluate")
     out: dict[str, float | int] = {}

@@ -285,6 +285,43 @@ def hidden_states(model: nn.Module, mb: MicroBatch, attn_implementation: str, ma
     return hidden[0].index_select(0, mb.hidden_index)
 
 
+class StudentStep(nn.Module):
+    """The student's training (and evaluation) forward as one module: decoder body, then a head.
+
+    ``forward(mb, head, attn_implementation, mask_dtype, autocast_dtype)`` runs
+    :func:`hidden_states` (under autocast when ``autocast_dtype`` is set) and returns
+    ``head(hidden [N, H], weight [V, H], bias [V] or None, scale)`` with the output layer's
+    parameters (:func:`lm_head_params`); the head is the chunked KD loss for training and the
+    metric sums for evaluation. One module around the whole step gives FSDP2 and DDP one
+    forward to hook: the output layer's weight is gathered whole for the head, and tied
+    embeddings (one weight for input and output) live in one FSDP unit.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, mb: MicroBatch, head: Any, attn_implementation: str, mask_dtype: torch.dtype,
+                autocast_dtype: torch.dtype | None) -> Any:
+        with torch.autocast(mb.input_ids.device.type, dtype=autocast_dtype or torch.bfloat16,
+                            enabled=autocast_dtype is not None):
+            hidden = hidden_states(self.model, mb, attn_implementation, mask_dtype)
+        weight, bias, scale = lm_head_params(self.model)
+        return head(hidden, weight, bias, scale)
+
+
+def uses_dropout(model: nn.Module) -> list[str]:
+    """Where ``model`` draws random numbers in training: dropout modules with ``p > 0`` and
+    config dropout rates (e.g. ``attention_dropout``) above 0; empty if none."""
+    found = sorted({type(m).__name__ + f"(p={m.p})" for m in model.modules() if isinstance(m, nn.Dropout) and m.p > 0})
+    lm = causal_lm(model)
+    cfg = lm.config.get_text_config() if hasattr(lm.config, "get_text_config") else lm.config
+    for key, value in sorted(vars(cfg).items()):
+        if "dropout" in key and isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0:
+            found.append(f"{key}={value}")
+    return found
+
+
 def is_adapter_dir(path: str | Path) -> bool:
     return (Path(path) / "adapter_config.json").exists()
 

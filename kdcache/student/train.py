@@ -17,6 +17,14 @@ The loop, top to bottom (:func:`train_student`):
 The forward pass runs the decoder body only and hands the supervised positions' hidden
 states to :func:`kdcache.student.chunked.chunked_kd_loss`, which never builds the
 full-vocabulary logits of a whole micro-batch.
+
+Under a launcher (``torchrun ... -m kdcache train-student``, ``srun``, ``accelerate launch``;
+see :mod:`kdcache.student.distributed`) the same loop runs on every rank: full fine-tuning is
+sharded with FSDP2 and LoRA wrapped in DDP; each rank reads and trains on its share of every
+global batch (:class:`~kdcache.student.data.RankBatches`); token counts and metrics are summed
+over ranks, so the loss is the mean over the global batch's supervised tokens as in one
+process; evaluation is split over ranks and reduced; rank 0 writes metrics, ``best/``, the
+final model and ``COMPLETE``.
 """
 
 from __future__ import annotations
@@ -25,14 +33,18 @@ import gc
 import logging
 import math
 import os
+import re
+import secrets
 import shutil
 import time
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Callable
 
 import torch
 from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
 
 from kdcache.cache.reader import CacheReader
 from kdcache.errors import KdcacheError
@@ -47,11 +59,23 @@ from kdcache.student.compat import (
     load_tokenizer,
     resolve_loss,
 )
-from kdcache.student.data import GlobalBatches, MicroBatch, micro_batches
+from kdcache.student.data import GlobalBatches, MicroBatch, RankBatches, micro_batches, padding_micro_batch
+from kdcache.student.distributed import (
+    DistEnv,
+    LauncherStop,
+    RankError,
+    init_distributed,
+    is_fsdp,
+    shard_fsdp2,
+    sigterm_raises,
+    unwrap,
+    wrap_ddp,
+)
 from kdcache.student.evaluate import evaluate
 from kdcache.student.losses import LOSS_NAMES, KDLossConfig
 from kdcache.student.modeling import (
     LoraSettings,
+    StudentStep,
     check_qlora_available,
     checkpoint_dtype,
     DTYPES,
@@ -62,6 +86,7 @@ from kdcache.student.modeling import (
     resolve_attn_implementation,
     resolve_device,
     resolve_precision,
+    uses_dropout,
 )
 
 logger = logging.getLogger("kdcache")
@@ -219,8 +244,10 @@ def lr_multiplier(step: int, total: int, warmup: int, kind: str, min_ratio: floa
     return min_ratio + (1.0 - min_ratio) * shape
 
 
-def build_optimizer(model: nn.Module, lr: float, weight_decay: float, device: torch.device) -> torch.optim.AdamW:
-    """AdamW; weight decay only on matrices (not on norms and biases); fused on CUDA."""
+def build_optimizer(model: nn.Module, lr: float, weight_decay: float, device: torch.device,
+                    fused: bool = True) -> torch.optim.AdamW:
+    """AdamW; weight decay only on matrices (not on norms and biases); fused on CUDA unless
+    ``fused`` is False (FSDP2's sharded parameters use the foreach implementation)."""
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise KdcacheError("the student has no trainable parameters (check --lora-targets)")
@@ -229,7 +256,7 @@ def build_optimizer(model: nn.Module, lr: float, weight_decay: float, device: to
         {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
     ]
     groups = [g for g in groups if g["params"]]
-    fused = device.type == "cuda" and all(p.is_cuda and p.is_floating_point() for p in params)
+    fused = fused and device.type == "cuda" and all(p.is_cuda and p.is_floating_point() for p in params)
     return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999), eps=1e-8, fused=fused or None)
 
 
@@ -262,31 +289,41 @@ def forward_backward(
 
     Each micro-batch's loss is a sum over its supervised tokens divided by ``num_tokens``
     (default: all supervised tokens in ``batches``), so the accumulated gradient is that of
-    the mean over the global batch.
+    the mean over the global batch. In a distributed run ``num_tokens`` is the count over all
+    ranks and the ranks' gradients are summed. ``model`` is the student, or a
+    :class:`~kdcache.student.modeling.StudentStep` (sharded with FSDP2 or wrapped in DDP;
+    DDP then synchronizes gradients only in the last micro-batch).
     """
+    ddp = isinstance(model, DistributedDataParallel)
+    step = model if ddp or isinstance(model, StudentStep) else StudentStep(model)
     num_tokens = num_tokens or sum(mb.num_targets for mb in batches)
+    mask_dtype = runtime.autocast_dtype or runtime.compute_dtype
     totals = {"loss": 0.0, "kd": 0.0, "ce": 0.0}
-    for mb in batches:
+    for i, mb in enumerate(batches):
         mb = mb.to(runtime.device)
-        with runtime.autocast():
-            hidden = hidden_states(model, mb, runtime.attn_implementation, runtime.autocast_dtype or runtime.compute_dtype)
-        weight, bias, scale = lm_head_params(model)
-        h, w, b = head_inputs(hidden, weight, bias, scale, runtime.autocast_dtype)
-        loss, metrics = chunked_kd_loss(h, w, mb.targets, mb.gold_ids, loss_config, bias=b, num_tokens=num_tokens)
-        loss.backward()
+
+        def head(hidden: Tensor, weight: Tensor, bias: Tensor | None, scale: float, mb: MicroBatch = mb):
+            h, w, b = head_inputs(hidden, weight, bias, scale, runtime.autocast_dtype)
+            return chunked_kd_loss(h, w, mb.targets, mb.gold_ids, loss_config, bias=b, num_tokens=num_tokens)
+
+        last = i == len(batches) - 1
+        with step.no_sync() if ddp and not last else nullcontext():
+            loss, metrics = step(mb, head, runtime.attn_implementation, mask_dtype, runtime.autocast_dtype)
+            loss.backward()
         for key in ("loss", "kd", "ce", "rs_kl"):
             if key in metrics:
                 totals[key] = totals.get(key, 0.0) + metrics[key]
     return totals
 
 
-def _oom_message(cfg: TrainConfig, where: str) -> str:
+def _oom_message(cfg: TrainConfig, where: str, distributed: bool = False) -> str:
     hint = f"lower --micro-batch-tokens (now {cfg.micro_batch_tokens})"
     if not cfg.lean_layers:
         hint += ", drop --no-lean-layers"
     if not cfg.gradient_checkpointing:
         hint += ", pass --gradient-checkpointing"
     if not cfg.use_lora:
+        hint += ", add ranks (FSDP2 shards weights and optimizer state over them)" if distributed else ""
         hint += ", or train LoRA adapters (--lora-r 16)"
     return f"out of GPU memory {where}; {hint}"
 
@@ -346,61 +383,114 @@ def _warn(messages: list[str]) -> None:
 def train_student(cfg: TrainConfig, *, on_step: Callable[[int, dict], None] | None = None) -> dict:
     """Train ``cfg.student`` on ``cfg.cache``; returns the summary (also in ``summary.json``).
 
-    ``on_step(step, record)`` is called after every optimizer step (tests use it to
+    Started by a launcher (torchrun, srun, accelerate launch), every rank calls this and the
+    run is distributed (see the module docstring); errors are then :class:`RankError` naming
+    the rank. ``on_step(step, record)`` is called after every optimizer step (tests use it to
     interrupt a run).
     """
     cfg.check()
+    env = init_distributed(cfg.device)
+    if env is None:
+        return _train(cfg, DistEnv(), on_step)
+    if not env.is_main:
+        logger.setLevel(logging.ERROR)  # rank 0 speaks for the run
+    try:
+        with sigterm_raises():
+            summary = _train(cfg, env, on_step)
+    except RankError:
+        raise
+    except KdcacheError as exc:
+        raise RankError(f"rank {env.rank}: {exc}") from None
+    env.close()
+    return summary
+
+
+def _train(cfg: TrainConfig, env: DistEnv, on_step: Callable[[int, dict], None] | None) -> dict:
     out = Path(cfg.output)
+    distributed = env.enabled
 
-    # 1. Inputs: caches, tokenizer, compatibility. Nothing is written before these pass.
-    reader = CacheReader(cfg.cache)
-    cfg = replace(cfg, loss=resolve_loss(cfg.loss, reader.manifest))
-    loss_config = cfg.loss_config()
-    check_loss_needs(cfg.loss, reader.manifest, cfg.cache)
-    draws_warning = ignored_draws_warning(cfg.loss, reader.manifest, cfg.cache)
-    _warn(([draws_warning] if draws_warning else []) + cfg.ignored_options())
-    eval_reader = CacheReader(cfg.eval_cache) if cfg.eval_cache else None
-    best_metric = cfg.best_metric
-    if eval_reader is not None:
-        check_same_tokenizer(reader.manifest, eval_reader.manifest, cfg.eval_cache)
-        best_metric = _best_metric(cfg, loss_config, eval_reader)
-    for cache_reader in (reader, eval_reader):
-        if cache_reader is not None:
-            check_micro_batch_fits(cache_reader, cfg.micro_batch_tokens)
-    tokenizer = load_tokenizer(cfg.student)
-    _warn(check_tokenizer(tokenizer, reader.manifest, cfg.cache, cfg.student))
+    # 1. Inputs: caches, tokenizer, compatibility. Nothing is written before these pass (on any rank).
+    def check_inputs():
+        reader = CacheReader(cfg.cache)
+        run_cfg = replace(cfg, loss=resolve_loss(cfg.loss, reader.manifest))
+        loss_config = run_cfg.loss_config()
+        check_loss_needs(run_cfg.loss, reader.manifest, cfg.cache)
+        draws_warning = ignored_draws_warning(run_cfg.loss, reader.manifest, cfg.cache)
+        _warn(([draws_warning] if draws_warning else []) + run_cfg.ignored_options())
+        eval_reader = CacheReader(cfg.eval_cache) if cfg.eval_cache else None
+        best_metric = cfg.best_metric
+        if eval_reader is not None:
+            check_same_tokenizer(reader.manifest, eval_reader.manifest, cfg.eval_cache)
+            best_metric = _best_metric(run_cfg, loss_config, eval_reader)
+        for cache_reader in (reader, eval_reader):
+            if cache_reader is not None:
+                check_micro_batch_fits(cache_reader, cfg.micro_batch_tokens)
+        tokenizer = load_tokenizer(cfg.student)
+        _warn(check_tokenizer(tokenizer, reader.manifest, cfg.cache, cfg.student))
 
-    device = resolve_device(cfg.device)
-    weight_dtype, amp = resolve_precision(cfg.dtype, cfg.autocast, device, cfg.use_lora)
-    if weight_dtype == torch.float16 and amp is None and not cfg.use_lora:
-        raise KdcacheError("full fine-tuning in float16 without loss scaling is unstable; use --dtype bfloat16 or float32")
-    if cfg.load_in_4bit:
-        check_qlora_available(device)
-    compute_dtype = weight_dtype
-    if cfg.load_in_4bit and weight_dtype == torch.float32:
-        compute_dtype = torch.bfloat16  # load_student's bnb_4bit_compute_dtype
-    runtime = Runtime(device, amp, resolve_attn_implementation(cfg.attn_implementation, device), compute_dtype)
+        device = env.device if distributed else resolve_device(cfg.device)
+        weight_dtype, amp = resolve_precision(cfg.dtype, cfg.autocast, device, cfg.use_lora)
+        if weight_dtype == torch.float16 and amp is None and not cfg.use_lora:
+            raise KdcacheError("full fine-tuning in float16 without loss scaling is unstable; use --dtype bfloat16 or float32")
+        if cfg.load_in_4bit:
+            check_qlora_available(device)
+        compute_dtype = weight_dtype
+        if cfg.load_in_4bit and weight_dtype == torch.float32:
+            compute_dtype = torch.bfloat16  # load_student's bnb_4bit_compute_dtype
+        runtime = Runtime(device, amp, resolve_attn_implementation(cfg.attn_implementation, device), compute_dtype)
+        return reader, eval_reader, run_cfg, loss_config, best_metric, tokenizer, weight_dtype, runtime
 
-    resuming = ckpt.claim_output(out, run_settings(cfg, reader, eval_reader), resume=cfg.resume, overwrite=cfg.overwrite)
+    reader, eval_reader, cfg, loss_config, best_metric, tokenizer, weight_dtype, runtime = env.agree(check_inputs)
+    device, amp = runtime.device, runtime.autocast_dtype
+
     last_dir, best_dir = out / "last", out / "best"
-    ckpt.recover(last_dir)
-    ckpt.recover(best_dir)
-    resuming = resuming and (last_dir / "trainer_state.json").exists()
+
+    def claim() -> tuple[bool, str]:
+        resuming = ckpt.claim_output(out, run_settings(cfg, reader, eval_reader), resume=cfg.resume, overwrite=cfg.overwrite)
+        ckpt.recover(last_dir)
+        ckpt.recover(best_dir)
+        token = secrets.token_hex(8) if distributed else ""
+        if distributed:  # every rank writes checkpoints here: it must be one filesystem for all
+            (out / SHARED_CHECK_FILE).write_text(token)
+        return resuming and (last_dir / "trainer_state.json").exists(), token
+
+    resuming, token = env.on_main(claim)
+    if resuming:  # before loading anything from last/
+        env.agree(lambda: ckpt.check_storage(last_dir, "dcp" if distributed and not cfg.use_lora else "files"))
+    if distributed:
+        env.agree(lambda: _check_shared_output(out, token))
+        env.on_main(lambda: (out / SHARED_CHECK_FILE).unlink(missing_ok=True))
 
     # 2. Model, optimizer, schedule.
     ckpt.seed_everything(cfg.seed)
     lora = cfg.lora_settings()
-    source = last_dir / "model" if (resuming and lora is None) else cfg.student
-    try:
-        model = load_student(
-            source, device=device, dtype=weight_dtype, attn_implementation=runtime.attn_implementation, lora=lora,
-            gradient_checkpointing=cfg.gradient_checkpointing, lean_layers=cfg.lean_layers, adapter=(last_dir / "adapter") if (resuming and lora) else None,
-        )
-    except torch.OutOfMemoryError:
-        raise KdcacheError(_oom_message(cfg, "while loading the student")) from None
-    check_output_rows(int(lm_head_params(model)[0].shape[0]), reader.manifest, cfg.student)
+    fsdp = distributed and lora is None
+
+    def load() -> nn.Module:
+        # FSDP2 weights come from dcp/ on resume; it shards a CPU copy onto the device unit by unit.
+        source = last_dir / "model" if (resuming and lora is None and not fsdp) else cfg.student
+        try:
+            net = load_student(
+                source, device=torch.device("cpu") if fsdp else device, dtype=weight_dtype,
+                attn_implementation=runtime.attn_implementation, lora=lora, gradient_checkpointing=cfg.gradient_checkpointing,
+                lean_layers=cfg.lean_layers, adapter=(last_dir / "adapter") if (resuming and lora) else None,
+            )
+        except torch.OutOfMemoryError:
+            raise KdcacheError(_oom_message(cfg, "while loading the student", distributed)) from None
+        check_output_rows(int(lm_head_params(net)[0].shape[0]), reader.manifest, cfg.student)
+        return net
+
+    model = env.agree(load)
     model.train()
-    optimizer = build_optimizer(model, cfg.learning_rate, cfg.weight_decay, device)
+    random_ops = uses_dropout(model)
+    step_module: nn.Module = model  # what forward_backward / evaluate / checkpoints get
+    if fsdp:
+        step_module = shard_fsdp2(StudentStep(model), amp, device)
+    elif distributed:
+        step_module = wrap_ddp(StudentStep(model), device)
+    if env.rank:
+        torch.manual_seed(cfg.seed + env.rank)  # each rank its own dropout stream (rank 0: a single process's)
+    optimizer = build_optimizer(model, cfg.learning_rate, cfg.weight_decay, device, fused=not fsdp)
     steps_per_epoch = math.ceil(len(reader) / cfg.global_batch_size)
     total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
     warmup = int(round(cfg.warmup_ratio * total_steps))
@@ -411,31 +501,58 @@ def train_student(cfg: TrainConfig, *, on_step: Callable[[int, dict], None] | No
     # 3. Resume.
     state = ckpt.TrainerState()
     if resuming:
-        state = ckpt.load_training_state(last_dir, optimizer, scheduler)
-        best_json = best_dir / "eval.json"
-        if best_json.exists() and ckpt.load_json_quiet(best_json).get("step", 0) > state.step:
-            shutil.rmtree(best_dir)  # saved by the interrupted part of the run, after last/
-    log = ckpt.MetricsLog(out / ckpt.METRICS_FILE, keep_until_step=state.step if resuming else None)
-    batches = GlobalBatches(reader, cfg.global_batch_size, cfg.seed, state.position, cfg.shuffle_window, cfg.shuffle)
+        restore_rng = env.agree(lambda: ckpt.check_resume_layout(
+            last_dir, storage="dcp" if fsdp else "files", world_size=env.world_size, random_ops=random_ops))
+        if distributed:
+            state = ckpt.load_checkpoint_distributed(last_dir, env=env, step=step_module, optimizer=optimizer,
+                                                     scheduler=scheduler, lora=lora is not None, restore_rng=restore_rng)
+        else:
+            state = ckpt.load_training_state(last_dir, optimizer, scheduler, restore_rng=restore_rng)
+
+        def prune_best() -> None:
+            best_json = best_dir / "eval.json"
+            if best_json.exists() and ckpt.load_json_quiet(best_json).get("step", 0) > state.step:
+                shutil.rmtree(best_dir)  # saved by the interrupted part of the run, after last/
+
+        env.on_main(prune_best)
+    log = ckpt.MetricsLog(out / ckpt.METRICS_FILE, keep_until_step=state.step if resuming else None) if env.is_main else None
+    if distributed:
+        batches = RankBatches(reader, cfg.global_batch_size, cfg.seed, state.position, cfg.shuffle_window, cfg.shuffle,
+                              env.rank, env.world_size)
+    else:
+        batches = GlobalBatches(reader, cfg.global_batch_size, cfg.seed, state.position, cfg.shuffle_window, cfg.shuffle)
+    padding = padding_micro_batch(reader.top_k, loss_config.needs_samples)
+    saved_step = state.step if resuming else None
 
     # 4. The loop.
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=total_steps, initial=state.step, unit="step", disable=not cfg.progress, dynamic_ncols=True)
+    bar = tqdm(total=total_steps, initial=state.step, unit="step", disable=not (cfg.progress and env.is_main),
+               dynamic_ncols=True)
     start_time = time.perf_counter()
     last_eval: dict | None = None
     try:
         while state.step < total_steps:
             t0 = time.perf_counter()
-            seqs, epoch = next(batches)
+            if distributed:
+                seqs, epoch, num_seqs = next(batches)
+            else:
+                seqs, epoch = next(batches)
+                num_seqs = len(seqs)
             micro = micro_batches(seqs, cfg.micro_batch_tokens, reader.top_k, reader.num_samples, loss_config.needs_samples)
-            num_tokens = sum(mb.num_targets for mb in micro)
-            try:
-                metrics = forward_backward(model, micro, loss_config, runtime, num_tokens)
-            except torch.OutOfMemoryError:
-                raise KdcacheError(_oom_message(cfg, f"at step {state.step + 1}")) from None
+            # Global counts; every rank runs as many micro-batches as the busiest (FSDP2 gathers in each).
+            per_rank = env.all_gather([sum(mb.num_targets for mb in micro), len(micro), sum(mb.num_tokens for mb in micro)])
+            num_tokens = int(sum(r[0] for r in per_rank))
+            num_micro = int(max(r[1] for r in per_rank))
+            micro += [padding] * (num_micro - len(micro))
+            metrics = forward_backward(step_module, micro, loss_config, runtime, num_tokens)
+            if distributed:
+                keys = sorted(metrics)
+                metrics = dict(zip(keys, env.sum([metrics[k] for k in keys])))
             params = [p for group in optimizer.param_groups for p in group["params"]]
             grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf"))
+            if hasattr(grad_norm, "full_tensor"):  # FSDP2: a DTensor
+                grad_norm = grad_norm.full_tensor()
             lr = scheduler.get_last_lr()[0]
             optimizer.step()
             scheduler.step()
@@ -443,16 +560,16 @@ def train_student(cfg: TrainConfig, *, on_step: Callable[[int, dict], None] | No
 
             state.step += 1
             state.position = batches.position
-            state.sequences += len(seqs)
+            state.sequences += num_seqs
             state.tokens += num_tokens
             elapsed = time.perf_counter() - t0
             record = {
                 "type": "train", "step": state.step, "epoch": epoch, "lr": lr, **metrics,
-                "grad_norm": float(grad_norm), "sequences": len(seqs), "tokens": num_tokens,
-                "micro_batches": len(micro), "tokens_per_s": sum(mb.num_tokens for mb in micro) / max(elapsed, 1e-9),
+                "grad_norm": float(grad_norm), "sequences": num_seqs, "tokens": num_tokens,
+                "micro_batches": num_micro, "tokens_per_s": sum(r[2] for r in per_rank) / max(elapsed, 1e-9),
                 "elapsed_s": time.perf_counter() - start_time,
             }
-            if state.step % cfg.log_every == 0 or state.step == total_steps:
+            if log is not None and (state.step % cfg.log_every == 0 or state.step == total_steps):
                 log.write(record)
             bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{lr:.2e}", refresh=False)
             bar.update(1)
@@ -460,34 +577,102 @@ def train_student(cfg: TrainConfig, *, on_step: Callable[[int, dict], None] | No
             improved = False
             if eval_reader is not None and ((cfg.eval_every and state.step % cfg.eval_every == 0) or state.step == total_steps):
                 last_eval = evaluate(
-                    model, eval_reader, micro_batch_tokens=cfg.micro_batch_tokens, device=device, autocast_dtype=amp,
+                    step_module, eval_reader, micro_batch_tokens=cfg.micro_batch_tokens, device=device, autocast_dtype=amp,
                     attn_implementation=runtime.attn_implementation, loss_config=loss_config,
-                    max_sequences=cfg.eval_sequences,
+                    max_sequences=cfg.eval_sequences, env=env,
                 )
-                log.write({"type": "eval", "step": state.step, **{f"eval_{k}": v for k, v in last_eval.items()}})
+                if log is not None:
+                    log.write({"type": "eval", "step": state.step, **{f"eval_{k}": v for k, v in last_eval.items()}})
                 value = last_eval[best_metric]
                 if state.best_value is None or value < state.best_value:
                     state.best_value, state.best_step, improved = value, state.step, True
-                    ckpt.save_best(best_dir, model=model, tokenizer=tokenizer, lora=lora is not None,
-                                   metrics={"step": state.step, "metric": best_metric, **last_eval})
+                    best = {"step": state.step, "metric": best_metric, **last_eval}
+                    if distributed:
+                        ckpt.save_best_distributed(best_dir, env=env, step=step_module, tokenizer=tokenizer,
+                                                   lora=lora is not None, metrics=best)
+                    else:
+                        ckpt.save_best(best_dir, model=model, tokenizer=tokenizer, lora=lora is not None, metrics=best)
             if improved or state.step == total_steps or (cfg.save_every and state.step % cfg.save_every == 0):
-                ckpt.save_checkpoint(last_dir, model=model, tokenizer=tokenizer, lora=lora is not None,
-                                     optimizer=optimizer, scheduler=scheduler, state=state)
+                if distributed:
+                    ckpt.save_checkpoint_distributed(
+                        last_dir, env=env, step=step_module, optimizer=optimizer, scheduler=scheduler, state=state,
+                        tokenizer=tokenizer, lora=lora is not None, full_model=fsdp and state.step == total_steps)
+                else:
+                    ckpt.save_checkpoint(last_dir, model=model, tokenizer=tokenizer, lora=lora is not None,
+                                         optimizer=optimizer, scheduler=scheduler, state=state)
+                saved_step = state.step
             if on_step is not None:
                 on_step(state.step, record)
     except torch.OutOfMemoryError:
-        raise KdcacheError(_oom_message(cfg, f"at step {state.step + 1}")) from None
+        raise _rank_failure(env, _oom_message(cfg, f"at step {state.step + 1}", distributed)) from None
+    except RankError:
+        raise
+    except KdcacheError as exc:
+        raise _rank_failure(env, str(exc)) from None
+    except LauncherStop:
+        raise RankError(env.lost_peer_message(f"at step {state.step + 1}", _resume_hint(saved_step))) from None
+    except Exception as exc:
+        if distributed and _is_lost_peer(exc):
+            raise RankError(env.lost_peer_message(f"at step {state.step + 1}", _resume_hint(saved_step))) from None
+        env.report_failure(f"{type(exc).__name__} at step {state.step + 1}")
+        raise
     finally:
         bar.close()
 
-    # 5. Final model, plots, summary; COMPLETE last.
-    del model, optimizer, scheduler
+    # 5. Final model, plots, summary (rank 0, after every rank is done); COMPLETE last.
+    env.barrier()
+    del model, step_module, optimizer, scheduler
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
+    return env.on_main(lambda: _finish(cfg, out, state, tokenizer, lora is not None, best_metric if eval_reader is not None else None,
+                                       last_eval))
+
+
+SHARED_CHECK_FILE = ".kdcache-shared-check"
+
+
+def _check_shared_output(out: Path, token: str) -> None:
+    try:
+        seen = (out / SHARED_CHECK_FILE).read_text()
+    except OSError:
+        seen = None
+    if seen != token:
+        raise KdcacheError(f"{out}: this rank does not see what rank 0 wrote there; --output must be on a filesystem "
+                           "every rank shares (all ranks write checkpoint shards into it)")
+
+
+def _resume_hint(saved_step: int | None) -> str:
+    if saved_step is None:
+        return "no checkpoint was written yet: rerun the same command"
+    return f"rerun the same command with --resume to continue from the checkpoint of step {saved_step}"
+
+
+_LOST_PEER = re.compile(r"connection (closed|reset)|broken pipe|socket|nccl|gloo|timed? ?out|peer", re.IGNORECASE)
+
+
+def _is_lost_peer(exc: BaseException) -> bool:
+    """Whether a collective broke (another rank died), as gloo and NCCL report it."""
+    import torch.distributed as dist
+
+    return isinstance(exc, getattr(dist, "DistError", ())) or bool(_LOST_PEER.search(str(exc)))
+
+
+def _rank_failure(env: DistEnv, message: str) -> KdcacheError:
+    """This rank's own failure: one line, left for the other ranks to name too."""
+    if not env.enabled:
+        return KdcacheError(message)
+    env.report_failure(message)
+    return RankError(f"rank {env.rank}: {message}")
+
+
+def _finish(cfg: TrainConfig, out: Path, state: ckpt.TrainerState, tokenizer, lora: bool, best_metric: str | None,
+            last_eval: dict | None) -> dict:
+    """Export the final model (and adapter), draw the curves, write summary.json and, last, COMPLETE."""
+    last_dir, best_dir = out / "last", out / "best"
     chosen = best_dir if (cfg.final_model == "best" and (best_dir / "eval.json").exists()) else last_dir
     save_dtype = DTYPES[cfg.save_dtype] if cfg.save_dtype != "auto" else checkpoint_dtype(cfg.student)
-    if lora is not None:
+    if lora:
         tmp = out / f".adapter.tmp-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
         shutil.copytree(chosen / "adapter", tmp)
@@ -508,12 +693,12 @@ def train_student(cfg: TrainConfig, *, on_step: Callable[[int, dict], None] | No
         "sequences": state.sequences,
         "supervised_tokens": state.tokens,
         "best_step": state.best_step,
-        "best_metric": best_metric if eval_reader is not None else None,
+        "best_metric": best_metric,
         "best_value": state.best_value,
         "final_model_from": chosen.name,
         "final_eval": last_eval,
         "model": str(out / "model"),
-        "adapter": str(out / "adapter") if lora is not None else None,
+        "adapter": str(out / "adapter") if lora else None,
     }
     from kdcache.cache.manifest import write_json_atomic
 
