@@ -261,8 +261,11 @@ def test_same_run_is_recognized_and_a_mixed_scorer_is_refused(tiny_llama, tmp_pa
         with pytest.raises(KdcacheError, match="context is 2048 positions.*use --max-length 2048"):
             generate_teacher_cache(_cfg(tiny_llama, data, fresh, backend=backend, max_length=2049))
     assert not (fresh / "run.json").exists()
-    gen._check_teacher_fits(_cfg(tiny_llama, data, fresh, backend="vllm", max_length=2048), Path(tiny_llama),
-                            __import__("transformers").AutoTokenizer.from_pretrained(tiny_llama))
+    tok = __import__("transformers").AutoTokenizer.from_pretrained(tiny_llama)
+    assert gen._fit_to_teacher(_cfg(tiny_llama, data, fresh, backend="vllm", max_length=2048), Path(tiny_llama), tok) == 0
+    unset = _cfg(tiny_llama, data, fresh, backend="hf", max_length=None)
+    gen._fit_to_teacher(unset, Path(tiny_llama), tok)
+    assert unset.max_length == 2048  # the default, within the context
     for bad in (dict(dtype="float33"), dict(mode="generate", temperature=-1.0), dict(mode="generate", top_p=0.0),
                 dict(temperature=3.0), dict(draws="iid"), dict(num_workers=0)):
         with pytest.raises(KdcacheError):

@@ -554,3 +554,57 @@ def test_options_this_run_cannot_use_are_named():
     assert notes[1].startswith("--lora-alpha has no effect without --lora-r")
     assert TrainConfig(student="s", cache="c", output="o", eval_every=5, eval_cache="e", lora_r=8,
                        lora_alpha=64.0).ignored_options() == []
+
+
+def test_a_non_finite_step_stops_training_before_it_is_applied(student_dir, train_cache, tmp_path):
+    """An exploding run (--lr far too high): the first non-finite loss or gradient stops training
+    with one line naming the step and what helps; no model is written, the run is not complete."""
+    from kdcache.student.train import train_student
+
+    out = tmp_path / "diverged"
+    with pytest.raises(KdcacheError) as err:
+        train_student(config(student_dir, train_cache, out, lr=1e30, max_steps=4, save_every=1))
+    message = str(err.value)
+    assert "\n" not in message and message.startswith("step ") and "non-finite" in message
+    assert "lower --lr" in message and "--resume" in message
+    step = int(message.split()[1].rstrip(":"))
+    assert 2 <= step <= 4
+    _no_success(out)
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert all(np.isfinite(r["loss"]) for r in records if r["type"] == "train")
+    assert json.loads((out / "last" / "trainer_state.json").read_text())["step"] == step - 1
+
+
+def test_a_student_without_chat_template_gets_the_teachers(student_dir, tiny_llama, tmp_path, caplog):
+    """A chat cache rendered with the teacher's template, a student tokenizer without one: the
+    exported model carries the teacher's template (and says so), so apply_chat_template works."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    from kdcache.student.train import train_student
+    from kdcache.teacher.generate import GenerateConfig, generate_teacher_cache
+
+    rows = [{"messages": [{"role": "user", "content": f"Tell me {i}."}, {"role": "assistant", "content": t}]}
+            for i, t in enumerate(texts(12, 5))]
+    data = tmp_path / "chat.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cache = tmp_path / "chat-cache"
+    generate_teacher_cache(GenerateConfig(teacher=str(tiny_llama), dataset=str(data), output=str(cache), backend="hf",
+                                          top_k=8, sampling="none", max_length=64, dtype="float32", progress=False))
+    bare = tmp_path / "student-no-template"
+    shutil.copytree(student_dir, bare)
+    tok = AutoTokenizer.from_pretrained(bare)
+    tok.chat_template = None
+    (bare / "chat_template.jinja").unlink(missing_ok=True)
+    config_path = bare / "tokenizer_config.json"
+    tok_config = json.loads(config_path.read_text())
+    tok_config.pop("chat_template", None)
+    config_path.write_text(json.dumps(tok_config))
+    assert AutoTokenizer.from_pretrained(bare).chat_template is None
+    with caplog.at_level("WARNING", logger="kdcache"):
+        train_student(config(bare, cache, tmp_path / "run", max_steps=1))
+    exported = AutoTokenizer.from_pretrained(tmp_path / "run" / "model")
+    assert exported.chat_template == AutoTokenizer.from_pretrained(tiny_llama).chat_template
+    assert exported.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True)
+    assert any("has no chat template; model/ gets the teacher's" in r.getMessage() for r in caplog.records)

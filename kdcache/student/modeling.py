@@ -176,6 +176,8 @@ def load_student(
         # Before peft wraps the projections: the probe needs the deterministic (eval-mode,
         # no LoRA dropout) forward; the swapped MLP forward calls whatever gate/up/down are later.
         logger.info(apply_lean_layers(net).summary())
+    # Before peft: how model.forward turns hidden states into logits (the chunked loss applies it).
+    fit_output_transform(net, str(model))
     if lora is None:
         net.requires_grad_(trainable)
         if gradient_checkpointing:
@@ -219,29 +221,63 @@ def decoder_body(model: nn.Module) -> nn.Module:
     return body
 
 
+#: Attribute of the causal LM holding its :class:`~kdcache.output_head.OutputTransform`.
+TRANSFORM_ATTR = "_kdcache_output_transform"
+
+
+def fit_output_transform(model: nn.Module, name: str | None = None):
+    """Find (once) how ``model.forward`` turns the decoder's hidden states into logits, by a
+    probe at load time (:func:`kdcache.output_head.probe_output_transform`), and keep it on the
+    causal LM. The chunked loss needs linear logits, so a soft-capped student is refused.
+
+    Raises:
+        KdcacheError: one line naming the architecture when no scale reproduces ``model.forward``.
+    """
+    from kdcache.output_head import probe_output_transform
+
+    lm = causal_lm(model)
+    head = lm.get_output_embeddings()
+    if head is None or not hasattr(head, "weight"):
+        raise KdcacheError(f"{type(lm).__name__}: the model has no output layer to distill into")
+    body = decoder_body(model)
+    cfg = lm.config.get_text_config() if hasattr(lm.config, "get_text_config") else lm.config
+    was_training = lm.training
+    lm.eval()
+    try:
+        with torch.no_grad():
+            transform = probe_output_transform(
+                lambda ids: lm(input_ids=ids, use_cache=False).logits[0],
+                lambda ids: body(input_ids=ids, use_cache=False).last_hidden_state[0],
+                head,
+                vocab_rows=int(head.weight.shape[0]), config_softcap=getattr(cfg, "final_logit_softcapping", None),
+                dtype=head.weight.dtype, device=head.weight.device,
+                name=f"{name or type(lm).__name__} ({type(lm).__name__})", allow_softcap=False,
+            )
+    finally:
+        lm.train(was_training)
+    setattr(lm, TRANSFORM_ATTR, transform)
+    return transform
+
+
 def lm_head_params(model: nn.Module) -> tuple[Tensor, Tensor | None, float]:
     """``(weight [V, H], bias [V] or None, hidden scale)`` of the output layer.
 
-    ``logits = (scale * h) @ weight.T + bias``; the scale covers architectures that multiply
-    (Cohere ``logit_scale``) or divide (Granite ``logits_scaling``) the logits. Final-logit
-    soft-capping (Gemma 2) is not linear and is refused.
+    ``logits = (scale * h) @ weight.T + bias`` reproduces ``model.forward``'s logits: the scale
+    is fitted against ``model.forward`` when the model is loaded (:func:`fit_output_transform`;
+    Cohere multiplies by ``logit_scale``, Granite divides by ``logits_scaling``, HyperCLOVAX
+    multiplies by it), and the bias is scaled with it.
     """
     lm = causal_lm(model)
     head = lm.get_output_embeddings()
     if head is None or not hasattr(head, "weight"):
         raise KdcacheError(f"{type(lm).__name__}: the model has no output layer to distill into")
-    cfg = lm.config.get_text_config() if hasattr(lm.config, "get_text_config") else lm.config
-    if getattr(cfg, "final_logit_softcapping", None):
-        raise KdcacheError(f"{type(lm).__name__}: students with final-logit soft-capping are not supported by the chunked loss")
-    scale = 1.0
-    if getattr(cfg, "logit_scale", None):
-        scale *= float(cfg.logit_scale)
-    if getattr(cfg, "logits_scaling", None):
-        scale /= float(cfg.logits_scaling)
-    weight = getattr(head, "weight")
     if hasattr(head, "base_layer"):  # a LoRA-wrapped head: use the frozen base weight
         raise KdcacheError("LoRA on the output layer (lm_head) is not supported; leave it out of --lora-targets")
-    return weight, getattr(head, "bias", None), scale
+    transform = getattr(lm, TRANSFORM_ATTR, None) or fit_output_transform(lm)
+    bias = getattr(head, "bias", None)
+    if bias is not None and transform.scale != 1.0:
+        bias = bias * transform.scale
+    return head.weight, bias, transform.scale
 
 
 def output_rows(model: nn.Module) -> int:

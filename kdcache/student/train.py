@@ -316,6 +316,23 @@ def forward_backward(
     return totals
 
 
+def check_finite(step: int, loss: float, grad_norm: float, saved_step: int | None) -> None:
+    """Stop before a non-finite loss or gradient reaches the weights, naming the step.
+
+    Every rank sees the same global loss and gradient norm, so every rank stops here.
+    """
+    if math.isfinite(loss) and math.isfinite(grad_norm):
+        return
+    what = f"loss {loss}" if not math.isfinite(loss) else f"gradient norm {grad_norm}"
+    resume = ("no checkpoint was written yet" if saved_step is None
+              else f"the last checkpoint (step {saved_step}) is intact")
+    raise KdcacheError(
+        f"step {step}: non-finite {what}; nothing from this step was applied or saved and {resume}. Check the cache "
+        "with `kdcache verify`, lower --lr, or use --dtype bfloat16/float32 instead of float16, then rerun"
+        + (" with --resume" if saved_step is not None else "")
+    )
+
+
 def _oom_message(cfg: TrainConfig, where: str, distributed: bool = False) -> str:
     hint = f"lower --micro-batch-tokens (now {cfg.micro_batch_tokens})"
     if not cfg.lean_layers:
@@ -553,6 +570,7 @@ def _train(cfg: TrainConfig, env: DistEnv, on_step: Callable[[int, dict], None] 
             grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf"))
             if hasattr(grad_norm, "full_tensor"):  # FSDP2: a DTensor
                 grad_norm = grad_norm.full_tensor()
+            check_finite(state.step + 1, metrics["loss"], float(grad_norm), saved_step)  # before the update
             lr = scheduler.get_last_lr()[0]
             optimizer.step()
             scheduler.step()
@@ -666,12 +684,32 @@ def _rank_failure(env: DistEnv, message: str) -> KdcacheError:
     return RankError(f"rank {env.rank}: {message}")
 
 
+def teacher_chat_template(student_tokenizer, cache: str) -> str | None:
+    """The chat template to export with a student that has none: the teacher's, when the
+    cache's rows were rendered with it (chat or prompt/response rows), else None."""
+    from kdcache.cache.manifest import load_manifest
+    from kdcache.data.tokenize import chat_template_of
+    from kdcache.student.compat import _teacher_tokenizer
+
+    if chat_template_of(student_tokenizer) is not None:
+        return None
+    manifest = load_manifest(cache)
+    if not manifest["tokenizer"].get("chat_template_sha256") or manifest["dataset"]["format"] == "text":
+        return None
+    teacher = _teacher_tokenizer(Path(cache), manifest)
+    return getattr(teacher, "chat_template", None) if teacher is not None else None
+
+
 def _finish(cfg: TrainConfig, out: Path, state: ckpt.TrainerState, tokenizer, lora: bool, best_metric: str | None,
             last_eval: dict | None) -> dict:
     """Export the final model (and adapter), draw the curves, write summary.json and, last, COMPLETE."""
     last_dir, best_dir = out / "last", out / "best"
     chosen = best_dir if (cfg.final_model == "best" and (best_dir / "eval.json").exists()) else last_dir
     save_dtype = DTYPES[cfg.save_dtype] if cfg.save_dtype != "auto" else checkpoint_dtype(cfg.student)
+    template = teacher_chat_template(tokenizer, cfg.cache)
+    if template is not None:
+        tokenizer.chat_template = template
+        _warn([f"{cfg.student} has no chat template; model/ gets the teacher's, which rendered the cache's rows"])
     if lora:
         tmp = out / f".adapter.tmp-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)

@@ -54,7 +54,7 @@ class GenerateConfig:
     samples: int = 8
     draws: str = "systematic"  # "systematic" | "iid": how the N draws are placed on the CDF
     seed: int = 0
-    max_length: int = 2048
+    max_length: int | None = None  # None: DEFAULT_MAX_LENGTH, or the teacher's context if shorter
     data_format: str | None = None
     split: str = "train"  # split of a `datasets` DatasetDict directory or hub dataset
     mode: str = "score"  # "score" | "generate"
@@ -97,7 +97,7 @@ class GenerateConfig:
             raise KdcacheError(f"--num-workers must be >= 1, got {self.num_workers}")
         if not 0 <= self.worker_index < self.num_workers:
             raise KdcacheError(f"--worker-index must be in [0, {self.num_workers}), got {self.worker_index}")
-        if self.shard_size < 1 or self.max_length < 2:
+        if self.shard_size < 1 or (self.max_length is not None and self.max_length < 2):
             raise KdcacheError("--shard-size must be >= 1 and --max-length >= 2")
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise KdcacheError(f"--dtype {self.dtype!r}: use auto, float32, bfloat16 or float16")
@@ -234,24 +234,40 @@ def claim_scorer(out: Path, scorer: dict) -> None:
         )
 
 
-def _check_teacher_fits(cfg: GenerateConfig, teacher_path: Path, tokenizer) -> None:
-    """Refuse, before any shard is written, a run the teacher cannot score: a ``--max-length``
-    beyond its context (:func:`kdcache.teacher.loading.context_error`, one rule for every
-    backend) or a tokenizer with more tokens than the model has output rows."""
-    from kdcache.teacher.loading import context_error, read_config, vllm_path, vocab_rows_of
+#: ``--max-length`` when not given (or the teacher's context, if shorter).
+DEFAULT_MAX_LENGTH = 2048
+
+
+def _fit_to_teacher(cfg: GenerateConfig, teacher_path: Path, tokenizer) -> int:
+    """Check, before any shard is written, that the teacher can score this run, and settle
+    ``cfg.max_length``; returns the positions a sequence needs beyond its length (1 on vLLM's
+    prompt-log-prob path, which also emits a token; else 0).
+
+    One context rule for every backend (:func:`kdcache.teacher.loading.context_error`): an
+    explicit ``--max-length`` beyond the teacher's context is refused; without one, the
+    default is cut to the context. A tokenizer with more tokens than the model has output rows
+    is refused too.
+    """
+    from kdcache.teacher.loading import context_error, context_length, read_config, vllm_path, vocab_rows_of
     from kdcache.teacher.sampling import vocab_rows_error
 
+    path = vllm_path(cfg.mode) if cfg.backend != "hf" else None
+    extra = 1 if (path == "vllm-prompt-logprobs" and cfg.mode == "score") else 0
     try:
         config = read_config(teacher_path)
     except KdcacheError:
-        return  # the backend reports an unloadable config itself
-    path = vllm_path(cfg.mode) if cfg.backend != "hf" else None
-    extra = 1 if (path == "vllm-prompt-logprobs" and cfg.mode == "score") else 0
+        config = None  # the backend reports an unloadable config itself
+    if cfg.max_length is None:
+        context = context_length(config) if config else None
+        cfg.max_length = DEFAULT_MAX_LENGTH if context is None else min(DEFAULT_MAX_LENGTH, context - extra)
+    if config is None:
+        return extra
     if (error := context_error(cfg.teacher, config, cfg.max_length, extra)) is not None:
         raise error
     rows = vocab_rows_of(config)
     if rows is not None and rows < len(tokenizer):
         raise vocab_rows_error(cfg.teacher, len(tokenizer), rows)
+    return extra
 
 
 def save_tokenizer(out: Path, tokenizer) -> None:
@@ -457,7 +473,7 @@ def generate_teacher_cache(cfg: GenerateConfig) -> dict | None:
                            "its tokenizer files") from None
     if cfg.top_k > len(tokenizer):
         raise KdcacheError(f"--top-k {cfg.top_k} exceeds the teacher's vocabulary ({len(tokenizer)} tokens)")
-    _check_teacher_fits(cfg, teacher.path, tokenizer)
+    extra_positions = _fit_to_teacher(cfg, teacher.path, tokenizer)
     dataset = open_dataset(cfg.dataset, fmt=cfg.data_format, split=cfg.split)
     dataset_info = dataset.describe() | {"fingerprint": dataset.fingerprint()}
     backend_name = cfg.backend  # "auto" is resolved by make_backend (vLLM, else transformers)
@@ -509,7 +525,7 @@ def generate_teacher_cache(cfg: GenerateConfig) -> dict | None:
         first = next(shards, None)
         if first is not None:
             backend = make_backend(backend_name, teacher, dtype=cfg.dtype, full_rows=scoring.num_samples > 0, mode=cfg.mode,
-                                   **_engine_options(cfg))
+                                   **_engine_options(cfg, extra_positions))
             teacher_info["dtype_loaded"] = getattr(backend, "dtype", cfg.dtype)
             teacher_info["backend_used"] = backend.name
             teacher_info["scoring_path"] = backend.scoring_path
@@ -564,15 +580,15 @@ def generate_teacher_cache(cfg: GenerateConfig) -> dict | None:
     return finalize(out)
 
 
-def _engine_options(cfg: GenerateConfig) -> dict:
+def _engine_options(cfg: GenerateConfig, extra_positions: int) -> dict:
     options = {
         "quantization": cfg.quantization,
         "tensor_parallel_size": cfg.tensor_parallel_size,
         "gpu_memory_utilization": cfg.gpu_memory_utilization,
         "max_num_batched_tokens": cfg.max_num_batched_tokens,
-        # vLLM counts the one token a scoring request must "generate" against the context length.
-        # In generate mode --max-length bounds prompt + response.
-        "max_model_len": cfg.max_model_len or cfg.max_length + (0 if cfg.mode == "generate" else 1),
+        # --max-length bounds the sequence (in generate mode, prompt + response); vLLM's
+        # prompt-log-prob path needs one more position for the token each request emits.
+        "max_model_len": cfg.max_model_len or cfg.max_length + extra_positions,
         "enforce_eager": cfg.enforce_eager,
         "seed": cfg.seed,
     }
