@@ -59,7 +59,7 @@ def machine() -> dict:
             "transformers": transformers.__version__, "vllm": vllm.__version__, "kdcache": kdcache.__version__}
 
 
-def make_model(shape: str, out: Path) -> None:
+def make_model(shape: str, out: Path, tokenizer_dir: str | None = None) -> None:
     """A random-init model of real shapes (no download): Qwen2.5-7B (28 layers, hidden 3584,
     vocabulary 152064 rows) with SmolLM2's tokenizer grown to 151665 tokens by added tokens,
     so the statistics run over a vocabulary of Qwen2.5's size."""
@@ -77,7 +77,7 @@ def make_model(shape: str, out: Path) -> None:
                              num_key_value_heads=2, vocab_size=151936, max_position_embeddings=32768,
                              rope_theta=1_000_000.0, tie_word_embeddings=True),
     }
-    tok = AutoTokenizer.from_pretrained(str(convert_gguf_to_hf(smollm2_gguf_path())))
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir or str(convert_gguf_to_hf(smollm2_gguf_path())))
     tok.add_tokens([f"<kdcache_pad_{i}>" for i in range(151665 - len(tok))])
     config = Qwen2Config(**shapes[shape], bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -92,6 +92,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=None, help="teacher (default: the SmolLM2 demo teacher)")
     parser.add_argument("--make-model", nargs=2, metavar=("SHAPE", "DIR"), help="write a random-init model and exit")
+    parser.add_argument("--tokenizer", default=None, help="--make-model: tokenizer directory (default: SmolLM2's)")
+    parser.add_argument("--texts-json", default=None, help="a JSON list of texts (default: the Wikipedia leads package)")
     parser.add_argument("--texts", type=int, default=40)
     parser.add_argument("--max-length", type=int, default=256)
     parser.add_argument("--rounds", type=int, default=3)
@@ -104,7 +106,7 @@ def main() -> None:
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     if args.make_model:
-        make_model(args.make_model[0], Path(args.make_model[1]))
+        make_model(args.make_model[0], Path(args.make_model[1]), args.tokenizer)
         return
     if args.with_hf and "hf" not in args.arms:
         args.arms.append("hf")
@@ -131,7 +133,8 @@ def main() -> None:
     bare_llm = hf = None
     try:
         tok = backend.tokenizer
-        texts = [e["extract"] for e in wiki_entries()]
+        texts = (json.loads(Path(args.texts_json).read_text()) if args.texts_json
+                 else [e["extract"] for e in wiki_entries()])
         examples = []
         for i, text in enumerate(texts):
             if len(examples) == args.texts:

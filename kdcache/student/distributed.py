@@ -225,7 +225,6 @@ class DistEnv:
         """
         if not self.enabled:
             return fn()
-        import torch.distributed as dist
 
         box: list[Any] = [None]
         if self.is_main:

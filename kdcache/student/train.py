@@ -65,10 +65,8 @@ from kdcache.student.distributed import (
     LauncherStop,
     RankError,
     init_distributed,
-    is_fsdp,
     shard_fsdp2,
     sigterm_raises,
-    unwrap,
     wrap_ddp,
 )
 from kdcache.student.evaluate import evaluate
@@ -80,7 +78,6 @@ from kdcache.student.modeling import (
     checkpoint_dtype,
     DTYPES,
     export_model,
-    hidden_states,
     lm_head_params,
     load_student,
     resolve_attn_implementation,

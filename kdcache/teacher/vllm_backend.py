@@ -25,7 +25,6 @@ prefix would skip the hidden states the pooler reads.
 
 from __future__ import annotations
 
-import atexit
 import logging
 import os
 from pathlib import Path
@@ -36,14 +35,14 @@ import numpy as np
 from kdcache.cache.records import TeacherScores
 from kdcache.data.example import TokenizedExample
 from kdcache.errors import KdcacheError, first_line
-from kdcache.teacher.base import GenerationSettings, ScoringSettings, TeacherBackend
-from kdcache.teacher.loading import ResolvedTeacher, resolve_dtype, resolve_local, teacher_description
+from kdcache.teacher.base import GenerationSettings, ScoringSettings
+from kdcache.teacher.loading import ResolvedTeacher, resolve_dtype, resolve_local
 from kdcache.teacher.sampling import validate_request
 from kdcache.teacher.statistics import scores_from_statistics, spec_for, target_spans
 from kdcache.teacher.vllm_engine import (
     EngineUnusable,
+    VLLMEngineBackend,
     architecture,
-    close_engine,
     config_vocab_rows,
     engine_options,
 )
@@ -56,7 +55,7 @@ SCORING_PATH = "vllm-statistics-pooler"
 STATS_CHUNK_BYTES = {"cpu": 64 << 20, "gpu": 1 << 30}
 
 
-class VLLMBackend(TeacherBackend):
+class VLLMBackend(VLLMEngineBackend):
     """Teacher backend on a vLLM engine running kdcache's statistics pooler.
 
     Args:
@@ -75,7 +74,7 @@ class VLLMBackend(TeacherBackend):
             from this build, a pooling model vLLM cannot build for this checkpoint).
     """
 
-    name = "vllm"
+    normalization = "tokenizer vocabulary (padded rows dropped before the log-softmax)"
     scoring_path = SCORING_PATH
 
     def __init__(
@@ -132,24 +131,10 @@ class VLLMBackend(TeacherBackend):
             **(extra_engine_args or {}),
         )
         self.max_model_len = int(self._llm.llm_engine.model_config.max_model_len)
-        atexit.register(self.close)  # an engine still up at interpreter exit can abort the process
+        self._started()
         self._probe()
 
     # ------------------------------------------------------------------ API
-
-    def describe(self) -> dict:
-        import vllm
-
-        desc = teacher_description(self.teacher, self.dtype, backend=self.name)
-        desc.update(
-            engine=f"vllm {vllm.__version__}",
-            scoring_path=self.scoring_path,
-            tokenizer_vocab_size=self.vocab_size,
-            model_vocab_rows=self.model_vocab_rows,
-            logprob_normalization="tokenizer vocabulary (padded rows dropped before the log-softmax)",
-            engine_options=dict(self.engine_options),
-        )
-        return desc
 
     def score(self, examples: Sequence[TokenizedExample], settings: ScoringSettings) -> Iterator[TeacherScores]:
         """Teacher-forced scoring of ``examples`` in one engine call; one result per example, in order."""
@@ -173,15 +158,6 @@ class VLLMBackend(TeacherBackend):
     def generate(self, examples: Sequence[TokenizedExample], settings: ScoringSettings,
                  gen: GenerationSettings) -> Iterator[TeacherScores]:
         raise KdcacheError("the statistics engine scores given text; --mode generate runs on the generation engine")
-
-    def close(self) -> None:
-        """Shut the engine processes down (idempotent)."""
-        llm = getattr(self, "_llm", None)
-        if llm is None:
-            return
-        self._llm = None
-        atexit.unregister(self.close)
-        close_engine(llm)
 
     # ------------------------------------------------------------ internals
 

@@ -3,6 +3,7 @@ architecture and vocabulary read from ``config.json``, EOS ids, and a clean shut
 
 from __future__ import annotations
 
+import atexit
 import gc
 import json
 import logging
@@ -11,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from kdcache.errors import KdcacheError
+from kdcache.teacher.base import TeacherBackend
 
 logger = logging.getLogger("kdcache")
 
@@ -111,3 +113,45 @@ def close_engine(llm: Any, shutdown_timeout_s: float = 60.0) -> None:
     except Exception:  # noqa: BLE001 - best effort at teardown
         logger.debug("vLLM engine shutdown raised", exc_info=True)
     gc.collect()
+
+
+class VLLMEngineBackend(TeacherBackend):
+    """What both vLLM backends share once their engine (``self._llm``) is up: the manifest
+    description and an idempotent shutdown, also registered with ``atexit`` (an engine still
+    up at interpreter exit can abort the process).
+
+    Subclasses set ``teacher``, ``dtype``, ``vocab_size``, ``model_vocab_rows``,
+    ``engine_options``, ``scoring_path`` and ``normalization``.
+    """
+
+    name = "vllm"
+    normalization: str
+
+    def describe(self) -> dict:
+        import vllm
+
+        from kdcache.teacher.loading import teacher_description
+
+        desc = teacher_description(self.teacher, self.dtype, backend=self.name)
+        desc.update(
+            engine=f"vllm {vllm.__version__}",
+            scoring_path=self.scoring_path,
+            tokenizer_vocab_size=self.vocab_size,
+            model_vocab_rows=self.model_vocab_rows,
+            logprob_normalization=self.normalization,
+            engine_options=dict(self.engine_options),
+        )
+        return desc
+
+    def close(self) -> None:
+        """Shut the engine processes down (idempotent)."""
+        llm = getattr(self, "_llm", None)
+        if llm is None:
+            return
+        self._llm = None
+        atexit.unregister(self.close)
+        close_engine(llm)
+
+    def _started(self) -> None:
+        """Call once ``self._llm`` exists."""
+        atexit.register(self.close)

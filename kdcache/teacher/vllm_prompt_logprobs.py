@@ -33,7 +33,6 @@ How the engine is driven:
 
 from __future__ import annotations
 
-import atexit
 import contextlib
 import logging
 from pathlib import Path
@@ -44,11 +43,11 @@ import numpy as np
 from kdcache.cache.records import TeacherScores, tail_logmass_from_topk
 from kdcache.data.example import TokenizedExample
 from kdcache.errors import KdcacheError, first_line
-from kdcache.teacher.base import GenerationSettings, ScoringSettings, TeacherBackend
-from kdcache.teacher.loading import ResolvedTeacher, resolve_dtype, resolve_local, teacher_description
+from kdcache.teacher.base import GenerationSettings, ScoringSettings
+from kdcache.teacher.loading import ResolvedTeacher, resolve_dtype, resolve_local
 from kdcache.teacher.sampling import select_real_topk, validate_request
 from kdcache.teacher.statistics import position_statistics, scores_from_statistics, spec_for
-from kdcache.teacher.vllm_engine import EngineUnusable, close_engine, config_vocab_rows, engine_options, eos_ids
+from kdcache.teacher.vllm_engine import EngineUnusable, VLLMEngineBackend, config_vocab_rows, engine_options, eos_ids
 
 logger = logging.getLogger("kdcache")
 
@@ -56,7 +55,7 @@ PAD_MARGIN = 16  # extra log-probs requested when the model has padded logit row
 BYTES_PER_LOGIT = 10  # fp32 logits + fp32 log-probs + topk scratch, per (token, row)
 
 
-class VLLMPromptLogprobsBackend(TeacherBackend):
+class VLLMPromptLogprobsBackend(VLLMEngineBackend):
     """Teacher backend on a vLLM ``LLM`` engine's prompt log-probabilities (see the module docstring).
 
     Args:
@@ -77,7 +76,7 @@ class VLLMPromptLogprobsBackend(TeacherBackend):
         extra_engine_args: passed to ``vllm.LLM`` unchanged.
     """
 
-    name = "vllm"
+    normalization = "all model logit rows (padded-row mass stays in the tail)"
     scoring_path = "vllm-prompt-logprobs"
 
     def __init__(
@@ -135,25 +134,10 @@ class VLLMPromptLogprobsBackend(TeacherBackend):
         self.eos_ids = eos_ids(self.tokenizer, self.teacher.path)
         # Generation never samples a padded row, so no padded id can enter input_ids.
         self._allowed_ids = list(range(self.vocab_size)) if self.num_padded else None
-        # An engine still up at interpreter exit can abort the process (see close()).
-        atexit.register(self.close)
+        self._started()
         self._probe()
 
     # ------------------------------------------------------------------ API
-
-    def describe(self) -> dict:
-        import vllm
-
-        desc = teacher_description(self.teacher, self.dtype, backend=self.name)
-        desc.update(
-            engine=f"vllm {vllm.__version__}",
-            scoring_path=self.scoring_path,
-            tokenizer_vocab_size=self.vocab_size,
-            model_vocab_rows=self.model_vocab_rows,
-            logprob_normalization="all model logit rows (padded-row mass stays in the tail)",
-            engine_options=dict(self.engine_options),
-        )
-        return desc
 
     def score(self, examples: Sequence[TokenizedExample], settings: ScoringSettings) -> Iterator[TeacherScores]:
         """Teacher-forced scoring; yields one ``TeacherScores`` per example, in input order.
@@ -246,15 +230,6 @@ class VLLMPromptLogprobsBackend(TeacherBackend):
                 yield self._scores_from_dense(ex, input_ids, positions, ids, lps, rows, settings)
             else:
                 yield self._assemble(ex, input_ids, positions, ids[:, 0], ids[:, 1:], lps[:, 0], lps[:, 1:], k)
-
-    def close(self) -> None:
-        """Shut the engine processes down (idempotent)."""
-        llm = getattr(self, "_llm", None)
-        if llm is None:
-            return
-        self._llm = None
-        atexit.unregister(self.close)
-        close_engine(llm)
 
     # ------------------------------------------------------------ internals
 
