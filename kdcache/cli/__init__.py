@@ -19,9 +19,10 @@ def cli() -> None:
 
 
 def _register() -> None:
-    from kdcache.cli import cache_cmds, demo_cmd, generate_cmd
+    from kdcache.cli import cache_cmds, demo_cmd, generate_cmd, rollout_cmd
 
     cli.add_command(generate_cmd.generate_teacher)
+    cli.add_command(rollout_cmd.rollout)
     cli.add_command(demo_cmd.demo)
     cli.add_command(cache_cmds.inspect)
     cli.add_command(cache_cmds.verify)

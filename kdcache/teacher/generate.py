@@ -531,7 +531,8 @@ def generate_teacher_cache(cfg: GenerateConfig) -> dict | None:
                 else:
                     stream = backend.score(examples, scoring)
                 results = []
-                for result in stream:
+                for ex, result in zip(examples, stream):
+                    result.rollout_logprobs = ex.rollout_logprobs  # rollout rows: the sampling policy's log-probs
                     results.append(result)
                     progress.update(1, result.num_targets)
                 progress.update(len(skipped), 0)
@@ -560,7 +561,7 @@ def generate_teacher_cache(cfg: GenerateConfig) -> dict | None:
         {
             "dataset_rows": total_rows,
             "teacher": teacher_info,
-            "dataset": {k: dataset_info[k] for k in ("source", "format", "fingerprint")},
+            "dataset": {k: dataset_info[k] for k in ("source", "format", "fingerprint", "rollout") if k in dataset_info},
             "finished_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         },
     )
