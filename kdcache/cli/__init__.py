@@ -32,6 +32,9 @@ def _register() -> None:
         return
     for command in train_cmds.COMMANDS:
         cli.add_command(command)
+    from kdcache.cli.eval_generate_cmd import with_generate
+
+    cli.add_command(with_generate(train_cmds.eval_cmd))  # `eval --generate`: evaluation on generations
 
 
 _register()

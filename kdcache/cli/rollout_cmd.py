@@ -7,6 +7,14 @@ import click
 from kdcache.rollout.run import RolloutConfig, run_rollout
 
 
+def quiet_transformers() -> None:
+    """No weight-loading bars or generation warnings from transformers: our own bar and summary say what matters."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+
+
 def engine_options(func):
     """The engine flags shared by `rollout` and `eval --generate`."""
     options = [
@@ -81,6 +89,7 @@ def rollout(round_: int, **options) -> None:
     records the student and round. Safe to kill and rerun: finished shards are kept, and
     rerunning gives the same rows.
     """
+    quiet_transformers()
     manifest = run_rollout(RolloutConfig(round=round_, **options))
     if manifest is None:
         click.echo("worker finished; the rollout completes when the other workers finish (the last one writes rollout.json)")
