@@ -5,7 +5,7 @@ One Parquet row per sequence. Per-position lists are flattened row-major, so a r
 The human-readable spec is ``schemas/v3/FORMAT.md``; ``python -m kdcache.cache.format
 schemas`` regenerates the machine-readable files there from this module.
 
-v3 (kdcache 0.6) adds one column to v2, ``rollout_logprob_q``: for a cache of ``kdcache
+v3 adds one column to v2, ``rollout_logprob_q``: for a cache of ``kdcache
 rollout`` samples, the sampling policy's log-prob of each target token. v2 shards, which
 lack it, are read as caches of fixed data.
 """

@@ -38,7 +38,7 @@ from kdcache.cache.manifest import write_json_atomic
 from kdcache.config import changed_keys
 from kdcache.errors import KdcacheError, first_line
 from kdcache.rollout import rows as layout
-from kdcache.rollout.engine import Completion, SamplingSettings
+from kdcache.rollout.engine import Completion, RolloutEngine, SamplingSettings
 
 
 @dataclass
@@ -329,8 +329,14 @@ def _shards_of_rows(rows: Iterator[tuple[int, str, Any]], shard_size: int) -> It
 # ------------------------------------------------------------------------------- run
 
 
-def run_rollout(cfg: RolloutConfig) -> dict | None:
-    """Sample this worker's shards; returns ``rollout.json`` if the rollout is complete afterwards."""
+def run_rollout(cfg: RolloutConfig, engine: RolloutEngine | None = None) -> dict | None:
+    """Sample this worker's shards; returns ``rollout.json`` if the rollout is complete afterwards.
+
+    Args:
+        cfg: the settings.
+        engine: an engine already loaded with ``cfg.student`` (left open); None builds one
+            from ``cfg`` when a shard needs sampling and closes it at the end.
+    """
     from transformers import AutoTokenizer
 
     from kdcache.data import SkippedRow, open_dataset, reference_text, tokenize_rows
@@ -374,7 +380,7 @@ def run_rollout(cfg: RolloutConfig) -> dict | None:
     n_shards = math.ceil(total / cfg.shard_size)
     todo = [i for i in range(n_shards) if i % cfg.num_workers == cfg.worker_index and load_record(out, i) is None]
 
-    engine = merged_tmp = None
+    own_engine, merged_tmp = engine is None, None
     bar = _progress(sum(min(cfg.shard_size, total - i * cfg.shard_size) for i in todo), cfg.progress)
     try:
         rows = itertools.takewhile(lambda item: item[0] < total, dataset.rows())
@@ -392,7 +398,7 @@ def run_rollout(cfg: RolloutConfig) -> dict | None:
                 model_dir, merged_tmp = merged_student(student, tokenizer)
                 engine = make_engine(cfg.backend, resolve_local(model_dir), dtype=cfg.dtype,
                                      **_engine_options(cfg, model_dir))
-                claim_engine(out, {"backend": engine.name, "dtype": str(engine.dtype), "version": engine.engine_version()})
+            claim_engine(out, {"backend": engine.name, "dtype": str(engine.dtype), "version": engine.engine_version()})
             references = {seq_id: reference_text(row, data_format) if isinstance(row, dict) else None
                           for seq_id, _, row in shard_rows}
             completions = []
@@ -408,7 +414,7 @@ def run_rollout(cfg: RolloutConfig) -> dict | None:
             write_shard(out, index, encode_shard(columns, cfg.output_format), cfg.output_format, stats)
     finally:
         bar.close()
-        if engine is not None:
+        if own_engine and engine is not None:
             engine.close()
         if merged_tmp is not None:
             shutil.rmtree(merged_tmp, ignore_errors=True)
