@@ -290,6 +290,22 @@ def test_rouge_l_values():
     assert scores[2] == 0.0
 
 
+def test_rollout_cli_errors_are_one_line(tiny_llama, tmp_path, capsys):
+    from kdcache.cli import main
+
+    prompts = _chat_prompts(tmp_path / "p.jsonl", 2)
+    for args, message in [
+        (["--student", str(tmp_path / "missing")], "must be a local model directory"),
+        (["--student", str(tiny_llama), "--temperature", "-1"], "--temperature must be 0"),
+        (["--student", str(tiny_llama), "--num-workers", "2", "--worker-index", "2"], "--worker-index"),
+    ]:
+        with pytest.raises(SystemExit) as exit_info:
+            main(["rollout", "--dataset", str(prompts), "--output", str(tmp_path / "out"), *args])
+        err = capsys.readouterr().err.strip()
+        assert exit_info.value.code == 2 and err.startswith("kdcache: error: ") and message in err
+        assert len(err.splitlines()) == 1
+
+
 def test_unfinished_or_damaged_rollout_is_refused(tiny_llama, tmp_path):
     prompts = _chat_prompts(tmp_path / "p.jsonl", 4)
     out = tmp_path / "ro"

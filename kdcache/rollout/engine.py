@@ -187,6 +187,7 @@ class RolloutEngine(abc.ABC):
         tokenizer: its tokenizer; ``vocab_size = len(tokenizer)``.
         eos_ids: ids that end a response.
         dtype: the dtype the weights were loaded in.
+        max_model_len: the longest prompt + response the engine takes (None: unknown).
     """
 
     name: str
@@ -195,6 +196,7 @@ class RolloutEngine(abc.ABC):
     vocab_size: int
     eos_ids: list[int]
     dtype: str
+    max_model_len: int | None
 
     @abc.abstractmethod
     def sample(self, prompts: Sequence[TokenizedExample], settings: SamplingSettings) -> Iterator[Completion]:
@@ -307,6 +309,7 @@ class VLLMEngine(RolloutEngine):
             skip_tokenizer_init=True,
             logprobs_mode="processed_logprobs",
             generation_config="vllm",
+            use_tqdm_on_load=False,  # the caller's progress bar says what matters
             **{k: v for k, v in self.engine_options.items() if v is not None},
             **(extra_engine_args or {}),
         )
@@ -444,6 +447,9 @@ class HFEngine(RolloutEngine):
             raise KdcacheError(f"{self.model.spec}: transformers cannot load the model ({first_line(exc)})") from None
         self.net = net.to(self.device).eval()
         self.dtype = str(next(self.net.parameters()).dtype).removeprefix("torch.")
+        config = net.config.get_text_config() if hasattr(net.config, "get_text_config") else net.config
+        context = getattr(config, "max_position_embeddings", None)
+        self.max_model_len = int(context) if isinstance(context, int) else None
 
     def engine_version(self) -> str:
         import transformers
@@ -452,7 +458,7 @@ class HFEngine(RolloutEngine):
 
     def sample(self, prompts: Sequence[TokenizedExample], settings: SamplingSettings) -> Iterator[Completion]:
         settings.check()
-        self._check_prompts(prompts, settings, None)
+        self._check_prompts(prompts, settings, self.max_model_len)
         for ex in prompts:
             yield from self._sample_prompt(ex, settings)
 
@@ -463,7 +469,10 @@ class HFEngine(RolloutEngine):
         generators = [torch.Generator(device=self.device).manual_seed(sample_seed(settings.seed, ex.seq_id, j))
                       for j in range(n)]
         eos = torch.as_tensor(self.eos_ids, dtype=torch.long, device=self.device)
-        tokens = torch.zeros((n, settings.budget(ex.num_tokens)), dtype=torch.long, device=self.device)
+        budget = settings.budget(ex.num_tokens)
+        if self.max_model_len is not None:
+            budget = min(budget, self.max_model_len - ex.num_tokens)
+        tokens = torch.zeros((n, budget), dtype=torch.long, device=self.device)
         logprobs = torch.zeros(tokens.shape, dtype=torch.float32, device=self.device)
         lengths = torch.zeros(n, dtype=torch.long, device=self.device)
         stopped = torch.zeros(n, dtype=torch.bool, device=self.device)
