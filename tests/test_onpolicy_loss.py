@@ -162,10 +162,9 @@ def test_estimator_expectation_is_the_reverse_kl_gradient() -> None:
     assert not torch.allclose(clipped, exact, rtol=1e-3)
 
 
-def test_gradcheck_inside_the_clip_range() -> None:
-    """Finite differences in float64 where no token is clipped and r = 1 at the centre: the
-    gradient of L there equals the derivative of its value only through r (A is held
-    constant), so compare against the value with A frozen at the centre."""
+def test_gradient_is_the_derivative_with_the_advantage_frozen() -> None:
+    """At r = 1 the gradient of L is the derivative of ``-r A`` with ``A`` frozen at the
+    current weights (checked by finite differences in float64): only ``r`` carries gradient."""
     case = make_case(seed=4)
     logq = torch.log_softmax(case["hidden"] @ case["weight"].T + case["bias"], dim=-1)
     s = logq.gather(1, case["gold"][:, None])[:, 0]

@@ -331,6 +331,9 @@ class RolloutDataset(FileDataset):
                                "`kdcache rollout` command, or let its other workers finish, before using it")
         try:
             manifest = json.loads(manifest_path.read_text())
+            if manifest.get("format") != layout.ROLLOUT_FORMAT or manifest.get("format_version") != layout.ROLLOUT_VERSION:
+                raise KdcacheError(f"{manifest_path}: not a rollout of this kdcache (format {manifest.get('format')!r} "
+                                   f"v{manifest.get('format_version')}); upgrade kdcache or rerun the rollout")
             files = [path / shard["file"] for shard in manifest["shards"]]
             self._expected = {str(f): shard["sha256"] for f, shard in zip(files, manifest["shards"])}
             self._rollout = provenance(manifest)
