@@ -2,8 +2,12 @@
 
 One Parquet row per sequence. Per-position lists are flattened row-major, so a row with
 ``S`` supervised positions and top-k ``k`` has ``S * k`` entries in each top-k column.
-The human-readable spec is ``schemas/v2/FORMAT.md``; ``python -m kdcache.cache.format
+The human-readable spec is ``schemas/v3/FORMAT.md``; ``python -m kdcache.cache.format
 schemas`` regenerates the machine-readable files there from this module.
+
+v3 adds one column to v2, ``rollout_logprob_q``: for a cache of ``kdcache
+rollout`` samples, the sampling policy's log-prob of each target token. v2 shards, which
+lack it, are read as caches of fixed data.
 """
 
 from __future__ import annotations
@@ -17,8 +21,8 @@ import pyarrow as pa
 from kdcache.errors import KdcacheError
 
 FORMAT_NAME = "kdcache"
-FORMAT_VERSION = 2
-SUPPORTED_VERSIONS = (2,)
+FORMAT_VERSION = 3
+SUPPORTED_VERSIONS = (2, 3)
 # v1 (kdcache 0.1.x) stored sampled ids as raw id gaps and counts as list<uint16>, and an
 # uncompressed-delta id table that the Arrow schema in the footer repeated.
 
@@ -62,6 +66,9 @@ COLUMNS_DOC: dict[str, str] = {
     "sample_count_b0": "binary [M bytes]. Low byte of how many of the N draws hit each sampled id "
     "(same order as sample_code_gaps).",
     "sample_count_b1": "binary [M bytes, or empty when every count of the shard is <= 255]. High byte.",
+    "rollout_logprob_q": "list<uint16> [S] in a cache of kdcache rollout samples, else empty. Quantized log-prob "
+    "of input_ids[i] under the policy that sampled it (the rollout's response_logprobs; same quantization as "
+    "target_logprob_q). New in v3.",
 }
 
 
@@ -75,9 +82,12 @@ def version_error(where: Path | str, version: int) -> KdcacheError:
     return KdcacheError(f"{where}: cache format v{version} is not supported (this kdcache reads v{supported}); {hint}")
 
 
-def shard_schema() -> pa.Schema:
-    """The Arrow schema of every shard of the current format version (top-k and sampling columns are always present;
+def shard_schema(version: int = FORMAT_VERSION) -> pa.Schema:
+    """The Arrow schema of every shard of format ``version`` (top-k and sampling columns are always present;
     unused ones hold empty lists)."""
+    if version not in SUPPORTED_VERSIONS:
+        raise version_error("shard schema", version)
+    v3 = [pa.field("rollout_logprob_q", pa.list_(pa.uint16()), nullable=False)] if version >= 3 else []
     return pa.schema(
         [
             pa.field("seq_id", pa.int64(), nullable=False),
@@ -95,6 +105,7 @@ def shard_schema() -> pa.Schema:
             pa.field("sample_code_gaps", pa.list_(pa.uint32()), nullable=False),
             pa.field("sample_count_b0", pa.binary(), nullable=False),
             pa.field("sample_count_b1", pa.binary(), nullable=False),
+            *v3,
         ]
     )
 

@@ -105,6 +105,23 @@ def manifest_json_schema() -> dict:
             "dataset": {
                 "type": "object",
                 "required": ["source", "format", "fingerprint", "max_length", "rows"],
+                "properties": {
+                    "rollout": {
+                        "type": "object",
+                        "description": "present when the dataset is a kdcache rollout (format v3): which student, "
+                                       "round and sampling settings produced the responses; the shards then hold "
+                                       "rollout_logprob_q",
+                        "required": ["round", "student", "engine", "sampling", "settings_hash", "prompts"],
+                        "properties": {
+                            "round": {"type": "integer"},
+                            "student": {"type": "object", "required": ["spec", "weights_sha256"]},
+                            "engine": {"type": "object"},
+                            "sampling": {"type": "object"},
+                            "settings_hash": {"type": "string"},
+                            "prompts": {"type": "object"},
+                        },
+                    },
+                },
             },
             "shard_size": {"type": "integer", "minimum": 1},
             "settings_hash": {"type": "string"},

@@ -128,6 +128,11 @@ def decode_batch(batch, id_table: np.ndarray, top_k: int) -> Iterator[TeacherSco
         starts = pos_starts[:-1][lengths > 0]
         before[starts] = total[starts] - code_gaps[starts]
         sample_ids = id_table[total - np.maximum.accumulate(before)].astype(np.int32)
+    rollout_lp = None  # v3: the sampling policy's log-probs, in caches of rollout samples
+    if "rollout_logprob_q" in batch.schema.names:
+        values = _flat(batch, "rollout_logprob_q")[1]
+        if values.shape[0] == positions.shape[0] and values.shape[0] > 0:
+            rollout_lp = dequantize_logprobs(values)
     for i in range(len(seq_ids)):
         a, b = pos_off[i], pos_off[i + 1]
         result = TeacherScores(
@@ -146,6 +151,8 @@ def decode_batch(batch, id_table: np.ndarray, top_k: int) -> Iterator[TeacherSco
             result.sample_offsets = (pos_starts[a : b + 1] - pos_starts[a]).astype(np.int32)
             result.sample_ids = sample_ids[e0:e1]
             result.sample_counts = counts[e0:e1]
+        if rollout_lp is not None:
+            result.rollout_logprobs = rollout_lp[a:b]
         yield result
 
 

@@ -32,6 +32,10 @@ class TeacherScores:
             ``sample_ids[sample_offsets[s]:sample_offsets[s+1]]``.
         sample_ids: int32 ``[M]`` unique sampled ids per position, ascending.
         sample_counts: int32 ``[M]`` how many of the ``N`` draws hit each id.
+        rollout_logprobs: float32 ``[S]`` or None. In a cache of ``kdcache rollout`` samples,
+            where the gold token is the sampled one: its log-prob under the policy that
+            sampled it (the student of that round, after temperature and top-p), so
+            ``target_logprobs`` is the teacher's ``log p(x)`` and this is ``log mu(x)``.
     """
 
     seq_id: int
@@ -45,6 +49,7 @@ class TeacherScores:
     sample_offsets: np.ndarray | None = None
     sample_ids: np.ndarray | None = None
     sample_counts: np.ndarray | None = None
+    rollout_logprobs: np.ndarray | None = None
 
     @property
     def num_targets(self) -> int:

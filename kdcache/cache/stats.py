@@ -79,8 +79,9 @@ def verify_shard(cache_dir: Path, shard: dict, top_k: int) -> str | None:
     try:
         pf = pq.ParquetFile(path)
         _check_shard_meta(path, pf.schema_arrow.metadata)
-        if pf.schema_arrow.remove_metadata() != fmt.shard_schema():
-            return f"{path}: schema differs from format v{fmt.FORMAT_VERSION}"
+        version = int(pf.schema_arrow.metadata[fmt.META_VERSION])
+        if pf.schema_arrow.remove_metadata() != fmt.shard_schema(version):
+            return f"{path}: schema differs from format v{version}"
         table = pf.read(columns=["seq_id", "target_positions", "topk_code_b0"])
     except KdcacheError as exc:
         return str(exc)

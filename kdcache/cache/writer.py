@@ -251,6 +251,15 @@ def build_shard_table(results: Sequence[TeacherScores], top_k: int) -> tuple[pa.
         cols["sample_count_b0"] = _byte_plane(zero_off, None)
         cols["sample_count_b1"] = _byte_plane(zero_off, None)
 
+    if any(r.rollout_logprobs is not None for r in results):
+        for r in results:
+            if r.rollout_logprobs is None or r.rollout_logprobs.shape != (r.num_targets,):
+                raise KdcacheError(f"{r.source}: rollout log-probs missing or not one per target while other rows have them")
+        rollout_lp = quantize_logprobs(_cat([r.rollout_logprobs for r in results], np.float32))
+        cols["rollout_logprob_q"] = _list_array(targets_off, rollout_lp, pa.uint16())
+    else:
+        cols["rollout_logprob_q"] = _list_array(zero_off, np.zeros(0, np.uint16), pa.uint16())
+
     table = pa.Table.from_arrays([cols[f.name] for f in fmt.shard_schema()], schema=fmt.shard_schema())
     meta = {
         fmt.META_VERSION: str(fmt.FORMAT_VERSION).encode(),
@@ -281,7 +290,8 @@ def encode_parquet(table: pa.Table, meta: dict[bytes, bytes], zstd_level: int = 
         compression="zstd",
         compression_level=zstd_level,
         use_dictionary=["source"],
-        use_byte_stream_split=["target_logprob_q.list.element", "tail_logmass.list.element", "sample_code_gaps.list.element"],
+        use_byte_stream_split=["target_logprob_q.list.element", "tail_logmass.list.element", "sample_code_gaps.list.element",
+                               "rollout_logprob_q.list.element"],
         write_statistics=["seq_id"],
         data_page_size=1 << 20,
         store_schema=False,  # the Arrow schema would repeat the footer metadata (the id table)

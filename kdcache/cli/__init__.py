@@ -18,9 +18,10 @@ def cli() -> None:
 
 
 def _register() -> None:
-    from kdcache.cli import cache_cmds, demo_cmd, generate_cmd
+    from kdcache.cli import cache_cmds, demo_cmd, generate_cmd, rollout_cmd
 
     cli.add_command(generate_cmd.generate_teacher)
+    cli.add_command(rollout_cmd.rollout)
     cli.add_command(demo_cmd.demo)
     cli.add_command(cache_cmds.inspect)
     cli.add_command(cache_cmds.verify)
@@ -30,6 +31,9 @@ def _register() -> None:
         return
     for command in train_cmds.COMMANDS:
         cli.add_command(command)
+    from kdcache.cli.eval_generate_cmd import with_generate
+
+    cli.add_command(with_generate(train_cmds.eval_cmd))  # `eval --generate`: evaluation on generations
 
 
 _register()

@@ -20,12 +20,16 @@ class TokenizedExample:
             token ``input_ids[i]`` is supervised; the teacher distribution stored for it
             is ``p(. | input_ids[:i])``. Prompt / user / system tokens are never targets.
             In ``--mode generate`` this is empty and ``input_ids`` holds the prompt only.
+        rollout_logprobs: float32 ``[S]`` or None. For a ``rollout`` row: the log-prob of each
+            target token under the policy that sampled it (``kdcache rollout``), aligned with
+            ``target_positions``; it travels with the example into the cache.
     """
 
     seq_id: int
     source: str
     input_ids: np.ndarray
     target_positions: np.ndarray
+    rollout_logprobs: np.ndarray | None = None
 
     @property
     def num_tokens(self) -> int:

@@ -11,15 +11,22 @@ Four formats are understood (canonical name first, accepted aliases in brackets)
   "output": str}``: turned into a prompt/response pair, see :func:`alpaca_prompt`.
 * ``messages`` [``chat``] -- ``{"messages": [{"role": str, "content": str}, ...]}``:
   rendered with the tokenizer's chat template, assistant turns are supervised.
+* ``rollout`` -- rows written by ``kdcache rollout`` (:mod:`kdcache.rollout.rows`):
+  ``{"prompt_ids": [int], "response_ids": [int], "response_logprobs": [float], ...}``.
+  The ids are used as they are (never re-tokenized: re-tokenizing the text can change the
+  tokens the student sampled); the response tokens are supervised and each carries the
+  sampling policy's log-prob of that token.
 
-Detection looks at the keys of one row, in this order: ``messages``, ``instruction``,
-``prompt``, ``text`` (so a row carrying both ``messages`` and ``text`` is a chat row).
+Detection looks at the keys of one row, in this order: ``prompt_ids`` + ``response_ids``,
+``messages``, ``instruction``, ``prompt``, ``text`` (so a row carrying both ``messages`` and
+``text`` is a chat row, and a rollout row, which also has ``prompt`` text, is a rollout row).
 A ``prompt`` row with neither ``response`` nor ``completion`` is still ``prompt_response``;
 it is usable only for prompt-only (generate mode) tokenization.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Mapping
 
@@ -29,7 +36,8 @@ TEXT = "text"
 PROMPT_RESPONSE = "prompt_response"
 ALPACA = "alpaca"
 MESSAGES = "messages"
-FORMATS: tuple[str, ...] = (TEXT, PROMPT_RESPONSE, ALPACA, MESSAGES)
+ROLLOUT = "rollout"
+FORMATS: tuple[str, ...] = (TEXT, PROMPT_RESPONSE, ALPACA, MESSAGES, ROLLOUT)
 
 _ALIASES = {
     "prompt": PROMPT_RESPONSE,
@@ -46,7 +54,11 @@ _EXPECTED = {
     PROMPT_RESPONSE: "'prompt' and 'response' (or 'completion')",
     ALPACA: "'instruction', optional 'input', and 'output'",
     MESSAGES: "'messages' (a list of {role, content} objects)",
+    ROLLOUT: "'prompt_ids', 'response_ids' and 'response_logprobs' (rows written by kdcache rollout)",
 }
+
+#: Largest log-prob accepted in a rollout row (float32 rounding can put a certain token a hair above 0).
+LOGPROB_SLACK = 1e-3
 
 
 def normalize_format(fmt: str) -> str:
@@ -63,6 +75,8 @@ def normalize_format(fmt: str) -> str:
 
 def detect_format(row: Mapping[str, Any]) -> str | None:
     """Format of one row from its keys, or ``None`` when no format matches."""
+    if "prompt_ids" in row and "response_ids" in row:
+        return ROLLOUT
     if "messages" in row:
         return MESSAGES
     if "instruction" in row:
@@ -116,7 +130,24 @@ class ChatRow:
     messages: list[dict[str, Any]]
 
 
-ParsedRow = TextRow | PairRow | ChatRow
+@dataclass(frozen=True)
+class RolloutRow:
+    """A ``rollout`` row: token ids as sampled, and the sampling policy's log-prob per response token.
+
+    Attributes:
+        prompt_ids: the prompt's token ids (non-empty).
+        response_ids: the sampled tokens (empty only in prompt-only use).
+        logprobs: ``log mu`` of each response token (same length as ``response_ids``).
+        tokenizer: ``"<vocab_size>:<vocab_sha256>"`` of the tokenizer that made the ids, or None.
+    """
+
+    prompt_ids: list[int]
+    response_ids: list[int]
+    logprobs: list[float]
+    tokenizer: str | None
+
+
+ParsedRow = TextRow | PairRow | ChatRow | RolloutRow
 
 
 def alpaca_prompt(instruction: str, input_text: str | None) -> tuple[str, str]:
@@ -157,7 +188,31 @@ def parse_row(row: Mapping[str, Any], fmt: str, source: str, need_response: bool
         return PairRow(prompt, output, user)
     if fmt == MESSAGES:
         return ChatRow(_messages(row, source, need_response))
+    if fmt == ROLLOUT:
+        return _rollout(row, source, need_response)
     raise KdcacheError(f"unknown input format {fmt!r}")
+
+
+def reference_text(row: Mapping[str, Any], fmt: str) -> str | None:
+    """The reference response of a row, for metrics on generations (None when it has none).
+
+    ``prompt_response``: ``response`` (or ``completion``); ``alpaca``: ``output``;
+    ``messages``: the content of the final turn if it is the assistant's; ``rollout``: its
+    ``reference`` field (copied from the prompt's row by ``kdcache rollout``); ``text``: None.
+    """
+    if fmt == PROMPT_RESPONSE:
+        value = row.get("response") if row.get("response") is not None else row.get("completion")
+    elif fmt == ALPACA:
+        value = row.get("output")
+    elif fmt == MESSAGES:
+        messages = row.get("messages") or []
+        last = messages[-1] if isinstance(messages, (list, tuple)) and messages else None
+        value = last.get("content") if isinstance(last, Mapping) and last.get("role") == "assistant" else None
+    elif fmt == ROLLOUT:
+        value = row.get("reference")
+    else:
+        value = None
+    return value if isinstance(value, str) and value.strip() else None
 
 
 def _missing(row: Mapping[str, Any], key: str, fmt: str, source: str) -> BadRowError:
@@ -187,6 +242,41 @@ def _nonempty_str(row: Mapping[str, Any], key: str, fmt: str, source: str) -> st
 
 def _optional_str(row: Mapping[str, Any], key: str, fmt: str, source: str) -> str | None:
     return None if row.get(key) is None else _str_field(row, key, fmt, source)
+
+
+def _int_list(row: Mapping[str, Any], key: str, source: str) -> list[int]:
+    value = row.get(key)
+    if value is None:
+        raise _missing(row, key, ROLLOUT, source)
+    if not isinstance(value, (list, tuple)) and not hasattr(value, "tolist"):
+        raise BadRowError(source, f"field {key!r} must be a list of token ids, got {_type_name(value)}")
+    items = value.tolist() if hasattr(value, "tolist") else list(value)
+    if not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in items):
+        raise BadRowError(source, f"field {key!r} must hold non-negative integer token ids")
+    return items
+
+
+def _rollout(row: Mapping[str, Any], source: str, need_response: bool) -> RolloutRow:
+    prompt = _int_list(row, "prompt_ids", source)
+    if not prompt:
+        raise BadRowError(source, "field 'prompt_ids' is empty")
+    response = _int_list(row, "response_ids", source)
+    if need_response and not response:
+        raise BadRowError(source, "field 'response_ids' is empty (nothing to supervise)")
+    raw = row.get("response_logprobs")
+    if raw is None:
+        raise _missing(row, "response_logprobs", ROLLOUT, source)
+    values = raw.tolist() if hasattr(raw, "tolist") else raw
+    if not isinstance(values, (list, tuple)) or len(values) != len(response):
+        got = len(values) if isinstance(values, (list, tuple)) else _type_name(values)
+        raise BadRowError(source, f"field 'response_logprobs' must hold one log-prob per response token "
+                                  f"({len(response)}), got {got}")
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and -math.inf < v <= LOGPROB_SLACK
+               for v in values):
+        raise BadRowError(source, "field 'response_logprobs' must hold finite log-probs <= 0")
+    tokenizer = row.get("tokenizer")
+    return RolloutRow(prompt, response, [min(float(v), 0.0) for v in values],
+                      tokenizer if isinstance(tokenizer, str) else None)
 
 
 def _messages(row: Mapping[str, Any], source: str, need_assistant: bool) -> list[dict[str, Any]]:

@@ -291,8 +291,11 @@ class FileDataset(InputDataset):
         digest = hashlib.sha256(b"kdcache-files-v1\0")
         for path in self.files:
             digest.update(path.relative_to(root).as_posix().encode() + b"\0")
-            digest.update(_file_sha256(path).encode() + b"\0")
+            digest.update(self._sha256(path).encode() + b"\0")
         return digest.hexdigest()
+
+    def _sha256(self, path: Path) -> str:
+        return _file_sha256(path)
 
     def num_rows_hint(self) -> int | None:
         if not all(str(p).lower().endswith(PARQUET_SUFFIXES) for p in self.files):
@@ -306,6 +309,54 @@ class FileDataset(InputDataset):
 
     def _describe_extra(self) -> dict[str, Any]:
         return {"files": [str(p) for p in self.files]}
+
+
+class RolloutDataset(FileDataset):
+    """A finished ``kdcache rollout`` directory: the shards its ``rollout.json`` lists, in order.
+
+    ``describe()`` adds ``"rollout"``: which student, round and sampling settings made the
+    responses (:func:`kdcache.rollout.provenance.provenance`), so a cache of these rows
+    records it. The fingerprint checks every shard against the manifest's sha256.
+    """
+
+    kind = "rollout"
+
+    def __init__(self, spec: str, path: Path, fmt: str | None = None) -> None:
+        from kdcache.rollout import rows as layout
+        from kdcache.rollout.provenance import provenance
+
+        manifest_path = path / layout.MANIFEST_NAME
+        if not manifest_path.exists():
+            raise KdcacheError(f"{path}: unfinished rollout (no {layout.MANIFEST_NAME} yet); rerun the same "
+                               "`kdcache rollout` command, or let its other workers finish, before using it")
+        try:
+            manifest = json.loads(manifest_path.read_text())
+            if manifest.get("format") != layout.ROLLOUT_FORMAT or manifest.get("format_version") != layout.ROLLOUT_VERSION:
+                raise KdcacheError(f"{manifest_path}: not a rollout of this kdcache (format {manifest.get('format')!r} "
+                                   f"v{manifest.get('format_version')}); upgrade kdcache or rerun the rollout")
+            files = [path / shard["file"] for shard in manifest["shards"]]
+            self._expected = {str(f): shard["sha256"] for f, shard in zip(files, manifest["shards"])}
+            self._rollout = provenance(manifest)
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise KdcacheError(f"{manifest_path}: unreadable rollout manifest ({first_line(exc)}); rerun "
+                               "`kdcache rollout` into a new directory") from None
+        if not files:
+            raise KdcacheError(f"{manifest_path}: the rollout holds no shards")
+        super().__init__(spec, files, fmt)
+        self.root, self.manifest = path, manifest
+
+    def _sha256(self, path: Path) -> str:
+        digest = _file_sha256(path)
+        if digest != self._expected[str(path)]:
+            raise KdcacheError(f"{path}: checksum differs from {self.root / 'rollout.json'} (damaged or changed "
+                               "since the rollout); delete the shard and its .json record and rerun the rollout")
+        return digest
+
+    def num_rows_hint(self) -> int | None:
+        return int(self.manifest["totals"]["rows"])
+
+    def _describe_extra(self) -> dict[str, Any]:
+        return {"files": [str(p) for p in self.files], "rollout": self._rollout}
 
 
 class DiskDataset(InputDataset):
@@ -430,6 +481,12 @@ def _is_saved_dataset(path: Path) -> bool:
     return (path / "state.json").is_file() or (path / "dataset_dict.json").is_file()
 
 
+def _is_rollout(path: Path) -> bool:
+    from kdcache.rollout import rows as layout
+
+    return (path / layout.RUN_NAME).is_file() or (path / layout.MANIFEST_NAME).is_file()
+
+
 def _files_in_dir(path: Path) -> list[Path]:
     """Supported files under ``path`` (recursively, hidden entries skipped), sorted by path."""
     found = [
@@ -460,6 +517,8 @@ def open_dataset(spec: str | os.PathLike, fmt: str | None = None, split: str = "
       streaming=True)``; needs network);
     * a directory saved by ``datasets`` ``save_to_disk`` (has ``state.json`` or
       ``dataset_dict.json``; ``split`` picks the split of a ``DatasetDict``);
+    * a ``kdcache rollout`` directory (has ``rollout-run.json``): the shards of its
+      ``rollout.json`` (an unfinished rollout is refused);
     * any other directory: all ``.jsonl``, ``.jsonl.zst``, ``.parquet`` files under it;
     * a file with one of those suffixes;
     * a glob pattern (``*``, ``?``, ``[``; ``**`` recurses), matching files of those types;
@@ -481,6 +540,8 @@ def open_dataset(spec: str | os.PathLike, fmt: str | None = None, split: str = "
     if path.is_dir():
         if _is_saved_dataset(path):
             return DiskDataset(text, path, fmt, split)
+        if _is_rollout(path):
+            return RolloutDataset(text, path, fmt)
         return FileDataset(text, _files_in_dir(path), fmt)
     if path.is_file():
         if not _is_supported(path):

@@ -29,10 +29,16 @@ What is supervised (``target_positions``), per format:
 Then ``input_ids`` is cut to ``max_length`` (keeping the beginning), targets past the cut
 and position 0 are dropped, and a row left without targets is a bad row.
 
+* ``rollout`` (rows of ``kdcache rollout``): ``ids = prompt_ids + response_ids`` exactly as
+  stored (never re-tokenized), targets the response tokens, and the example carries the
+  rows' ``response_logprobs`` as ``rollout_logprobs`` (cut with the targets). A row whose
+  ``tokenizer`` field names another vocabulary than this tokenizer's is a dataset-level
+  error: the ids would mean other tokens.
+
 ``prompt_only=True`` (generate mode) gives ``input_ids`` = the prompt alone and no targets:
 ``text`` -> the text; raw pairs -> the prompt tokens; chat pairs -> the user turn plus the
 generation prompt; ``messages`` -> the conversation without its final assistant turn (if it
-ends with one) plus the generation prompt. A prompt of ``max_length`` tokens or more leaves
+ends with one) plus the generation prompt; ``rollout`` -> its ``prompt_ids``. A prompt of ``max_length`` tokens or more leaves
 no room to generate and is a bad row. The response fields are optional in this mode.
 """
 
@@ -50,6 +56,7 @@ from kdcache.data.formats import (
     MESSAGES,
     ChatRow,
     PairRow,
+    RolloutRow,
     TextRow,
     detect_format_or_fail,
     normalize_format,
@@ -129,6 +136,7 @@ class RowTokenizer:
             if getattr(added, "special", False):
                 self.special_ids.add(int(token_id))
         self._blank_cache: dict[int, bool] = {}
+        self._vocab_keys: dict[str, bool] = {}  # rollout `tokenizer` field -> matches this tokenizer
 
     # ------------------------------------------------------------------ public
 
@@ -136,6 +144,8 @@ class RowTokenizer:
         """Tokenize ``row`` (format ``fmt``). Raises BadRowError for an unusable row."""
         self._source = source
         parsed = parse_row(row, fmt, source, need_response=not self.prompt_only)
+        if isinstance(parsed, RolloutRow):
+            return self._rollout_example(seq_id, source, parsed)
         if isinstance(parsed, ChatRow) or (isinstance(parsed, PairRow) and self.pairs_as_chat):
             if not self.has_chat_template:
                 raise KdcacheError(
@@ -147,6 +157,32 @@ class RowTokenizer:
         return self._finish(seq_id, source, ids, targets)
 
     # ------------------------------------------------------------------ per format
+
+    def _rollout_example(self, seq_id: int, source: str, parsed: RolloutRow) -> TokenizedExample:
+        if parsed.tokenizer is not None:
+            self._check_vocabulary(parsed.tokenizer, source)
+        if self.prompt_only:
+            return self._finish_prompt(seq_id, source, parsed.prompt_ids)
+        start = len(parsed.prompt_ids)
+        example = self._finish(seq_id, source, parsed.prompt_ids + parsed.response_ids,
+                               list(range(start, start + len(parsed.response_ids))))
+        kept = example.target_positions.shape[0]  # targets are cut only at the end
+        example.rollout_logprobs = np.asarray(parsed.logprobs[:kept], dtype=np.float32)
+        return example
+
+    def _check_vocabulary(self, key: str, source: str) -> None:
+        """A rollout row's ids must mean the same tokens here: its tokenizer's vocabulary
+        (``"<size>:<sha256>"``) must equal this tokenizer's restricted to that size."""
+        if key not in self._vocab_keys:
+            from kdcache.student.compat import restricted_vocab_sha256
+
+            size, _, digest = key.partition(":")
+            self._vocab_keys[key] = (size.isdigit() and int(size) <= len(self.tok)
+                                     and restricted_vocab_sha256(self.tok, int(size)) == digest)
+        if not self._vocab_keys[key]:
+            raise KdcacheError(f"{source}: the rollout's token ids come from another tokenizer than this one "
+                               f"(vocabulary {key[:24]}...); score a rollout with a teacher that shares the student's "
+                               "tokenizer")
 
     def _ids_and_targets(self, parsed: TextRow | PairRow | ChatRow, source: str) -> tuple[list[int], list[int]]:
         if isinstance(parsed, TextRow):

@@ -57,6 +57,7 @@ from kdcache.student.losses import (
     compute_dtype_for,
     kd_per_token,
     metrics_dict,
+    policy_sums,
     resolve_denominator,
     sample_neg_entropy,
 )
@@ -168,8 +169,9 @@ def _chunk(
 ) -> tuple[Tensor, Tensor | None]:
     """Loss sums and logit gradient for one chunk of ``C`` positions.
 
-    Returns ``(stats, grad_z)``: ``stats`` = ``[kd_sum, ce_sum, rs_kl_sum]`` (float,
-    detached; ``kd_sum`` includes ``tau**2``) and ``grad_z`` ``[C, V]`` of the *averaged*
+    Returns ``(stats, grad_z)``: ``stats`` = ``[kd_sum, ce_sum, rs_kl_sum, rkl_sum, clipped]``
+    (float, detached; ``kd_sum`` includes ``tau**2``; the last two for ``sampled_rkl``, see
+    :func:`kdcache.student.losses.policy_sums`) and ``grad_z`` ``[C, V]`` of the *averaged*
     objective (already divided by ``denominator``), or None when ``need_grad`` is False.
     """
     cdt = compute_dtype_for(weight.dtype)
@@ -197,7 +199,8 @@ def _chunk(
     rs_kl = zero
     if config.loss == "rs_kd":
         rs_kl = kd_sum.detach() + sample_neg_entropy(targets.sample_weights.to(cdt)).sum()
-    stats = torch.stack([kd_sum.detach(), zero if ce_sum is None else ce_sum.detach(), rs_kl])
+    policy = policy_sums(student, targets, config) if config.needs_rollout else torch.zeros(2, dtype=cdt, device=h.device)
+    stats = torch.cat([torch.stack([kd_sum.detach(), zero if ce_sum is None else ce_sum.detach(), rs_kl]), policy])
     if not need_grad:
         return stats, None
     return stats, _logit_grad(probs, student, grads, targets, gold_ids)
@@ -227,7 +230,7 @@ def _run(
     grad_h = torch.empty(hidden.shape, dtype=hidden.dtype, device=device) if need_h else None
     grad_w = torch.zeros(weight.shape, dtype=acc, device=device) if need_w else None
     grad_b = torch.zeros(bias.shape, dtype=acc, device=device) if need_b else None
-    stats = torch.zeros(3, dtype=compute_dtype_for(weight.dtype), device=device)
+    stats = torch.zeros(5, dtype=compute_dtype_for(weight.dtype), device=device)
     any_grad = need_h or need_w or need_b
     with torch.autocast(device_type=device.type, enabled=False):
         for start in range(0, num_pos, chunk_size):
@@ -346,7 +349,9 @@ def chunked_kd_loss(
         ``(loss, metrics)``: scalar float32 loss (float64 for float64 input) equal to
         ``sparse_kd_loss(hidden @ weight.T + bias, ...)``, differentiable wrt ``hidden``,
         ``weight`` and ``bias`` (first-order only), and detached floats ``loss``, ``kd``,
-        ``ce`` (NaN without gold ids), ``n_tokens`` (= ``T``) and for ``rs_kd`` ``rs_kl``.
+        ``ce`` (NaN without gold ids), ``n_tokens`` (= ``T``), for ``rs_kd`` ``rs_kl``, for
+        ``sampled_rkl`` ``rkl`` and ``clip_frac`` (that loss needs ``gold_ids`` and the
+        targets' ``target_logprobs`` and ``rollout_logprobs``).
     """
     if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
         raise ValueError(f"need hidden [T, H] and weight [V, H], got {tuple(hidden.shape)} and {tuple(weight.shape)}")
@@ -358,6 +363,8 @@ def chunked_kd_loss(
         tail_logmass=targets.tail_logmass,
         sample_ids=_as_index(targets.sample_ids),
         sample_weights=targets.sample_weights,
+        target_logprobs=targets.target_logprobs,
+        rollout_logprobs=targets.rollout_logprobs,
     )
     num_pos = hidden.shape[0]
     if num_pos:
@@ -365,6 +372,8 @@ def chunked_kd_loss(
     gold_ids = _as_index(gold_ids)
     if config.ce_weight > 0 and gold_ids is None:
         raise ValueError("ce_weight > 0 needs gold_ids")
+    if config.needs_rollout and gold_ids is None:
+        raise ValueError(f"loss {config.loss!r} needs gold_ids (the sampled tokens)")
     denominator = resolve_denominator(num_pos, num_tokens)
     cdt = compute_dtype_for(weight.dtype)
     chunk = int(chunk_size) if chunk_size else choose_chunk_size(weight.shape[0], max_chunk_bytes, cdt.itemsize)
@@ -377,4 +386,5 @@ def chunked_kd_loss(
         loss, stats, _ = _run(hidden, weight, bias, targets, gold_ids, config, chunk, denominator, (False,) * 3)
     ce_sum = stats[1] if gold_ids is not None else None
     rs_kl_sum = stats[2] if config.loss == "rs_kd" else None
-    return loss, metrics_dict(loss, stats[0], ce_sum, rs_kl_sum, denominator, num_pos)
+    policy = stats[3:5] if config.needs_rollout else None
+    return loss, metrics_dict(loss, stats[0], ce_sum, rs_kl_sum, denominator, num_pos, policy)

@@ -60,6 +60,56 @@ Other losses
   most of the mass is). ``sum w log w`` is a constant that keeps the value ``>= 0``; the
   value is biased upward like ``rs_kl``. With exact weights it *is* the full KL.
 
+On-policy: the sampled-token reverse KL (``sampled_rkl``)
+--------------------------------------------------------
+For a cache of ``kdcache rollout`` samples (format v3), where each gold token ``x`` is a
+token the student sampled at a position, with prefix ``c`` (prompt and earlier sampled
+tokens) fixed. Per such token, with the student's current log-prob ``log q(x) =
+log q_theta(x | c)`` (full softmax, temperature 1), the teacher's cached ``log p(x)``
+(``TeacherScores.target_logprobs``: the gold token of a rollout cache is the sampled one)
+and the rollout's ``log mu(x)`` (``rollout_logprobs``: the distribution the token was drawn
+from, i.e. the student of the previous round after the rollout's temperature and top-p):
+
+    A = log p(x) - log q(x)              advantage, held constant (no gradient through A)
+    r = exp(log q(x) - log mu(x))        importance weight, differentiable through log q(x)
+    L = -min(r A, clip(r, 1 - eps, 1 + eps) A)                     (PPO; eps = ``clip_ratio``)
+
+and the loss is ``sum L / num_tokens`` (``clip_ratio=None``: ``L = -r A``, plain importance
+sampling as in the Tinker cookbook's default). Gradient: ``dL/dlog q(x) = -r A`` where the
+token is not clipped, ``0`` where it is (``A > 0`` and ``r > 1 + eps``, or ``A < 0`` and
+``r < 1 - eps``), so only the student's log-prob of the gold token carries gradient, which
+:mod:`kdcache.student.chunked` turns into logit gradients in closed form like every other
+loss. The value of ``L`` at ``r = 1`` is ``log q(x) - log p(x)``: the single-sample estimate
+of the per-token reverse KL; the ``rkl`` metric reports it (mean over tokens, no weights)
+and ``clip_frac`` the share of clipped tokens.
+
+Properties. ``grad KL(q || p) = E_{x~q}[(log q(x) - log p(x)) grad log q(x)]`` over one
+position's next token (the ``E[grad log q] = 0`` term drops), so at ``r = 1`` (``mu = q``)
+the gradient of ``L`` is a single-sample score-function (REINFORCE) estimate of the
+gradient of the position's reverse KL, unbiased given the prefix; with ``mu != q`` the
+weight ``r`` keeps it unbiased as long as ``mu > 0`` wherever ``q > 0`` (top-p < 1 breaks
+that: tokens outside the rollout's nucleus are never seen). The weight is per token: it
+corrects the token's own sampling distribution, not the probability of the prefix (the
+product of all earlier ratios would, at a variance that grows with the length), as in PPO.
+The advantage is *per token* (discount 0), as in the Tinker cookbook's on-policy
+distillation: the sum over a response is an unbiased gradient of
+``sum_t KL(q(.|c_t) || p(.|c_t))`` with the prefixes' distribution held fixed, which is
+what GKD (Agarwal et al., 2024) also optimizes on student samples; it ignores how a token
+changes the prefixes the student visits later. The *per-sequence* reverse KL
+``KL(q(y) || p(y))`` of whole responses has the gradient with the reward-to-go advantage
+``A_t = -sum_{t' >= t} (log q(x_t') - log p(x_t'))`` (MiniLLM, Gu et al., 2024): unbiased
+for the sequence-level objective, but its variance grows with the response length; the
+per-token form trades that bias for far less variance. Clipping (Schulman et al., 2017)
+bounds how far one round's updates move a token's probability from the rollout policy
+(the rollout policy is one round old); it biases the estimate wherever it acts and does
+nothing while ``r`` stays in ``[1 - eps, 1 + eps]``. For ``A < 0`` and large ``r`` the
+clipped objective is unbounded (as in PPO; dual clipping would bound it). Next to the
+divergences above on the rollout's top-k (GKD with ``lambda = 1``), this estimator needs
+only the teacher's log-prob of the sampled token, but is noisier: one sample per position
+instead of a (k+1)-outcome expectation. Quantization of ``log mu`` (at most 0.00195 nats for
+``mu >= 1e-4``) moves ``r`` by at most 0.2%. The Qwen3 technical report (2025) finishes its
+small models with on-policy distillation (student samples, teacher log-probs).
+
 Temperature ``tau``
 -------------------
 The cache holds temperature-1 log-probs. For ``tau != 1`` each side's (k+1)-vector of
@@ -115,6 +165,12 @@ LOSS_NAMES: tuple[str, ...] = (
     "rs_kd",
     "tail_rs",
 )
+#: Policy-gradient losses on the student's own samples: they need a rollout cache (format v3)
+#: and gold ids, and read the teacher's and the rollout's log-probs of the gold token.
+POLICY_GRADIENT_LOSSES: frozenset[str] = frozenset({"sampled_rkl"})
+#: Every name :class:`KDLossConfig` accepts: ``LOSS_NAMES`` (divergences to the cached teacher
+#: distributions, on any cache) and the policy-gradient losses.
+ALL_LOSS_NAMES: tuple[str, ...] = LOSS_NAMES + tuple(sorted(POLICY_GRADIENT_LOSSES))
 #: Losses on the (k+1)-outcome coarse distributions (they need the student tail).
 COARSE_LOSSES: frozenset[str] = frozenset(LOSS_NAMES) - {"topk_renorm", "rs_kd", "tail_rs"}
 #: Losses over sampled teacher tokens (the cache must hold samples of the matching kind).
@@ -136,6 +192,8 @@ class KDLossConfig:
         akl_mu: ``akl`` head threshold on the cumulative teacher mass, in ``(0, 1)``.
         ce_weight: weight of the gold-token cross-entropy in ``[0, 1]``:
             ``total = (1 - ce_weight) * kd + ce_weight * ce``.
+        clip_ratio: ``sampled_rkl``: PPO clip ``eps`` of the importance weight (``> 0``), or
+            None for unclipped importance sampling.
     """
 
     loss: str = "tail"
@@ -144,10 +202,16 @@ class KDLossConfig:
     alpha: float = 0.1
     akl_mu: float = 0.5
     ce_weight: float = 0.0
+    clip_ratio: float | None = 0.2
 
     def __post_init__(self) -> None:
-        if self.loss not in LOSS_NAMES:
-            raise ValueError(f"unknown KD loss {self.loss!r}; choose one of {', '.join(LOSS_NAMES)}")
+        if self.loss not in ALL_LOSS_NAMES:
+            raise ValueError(f"unknown KD loss {self.loss!r}; choose one of {', '.join(ALL_LOSS_NAMES)}")
+        if self.clip_ratio is not None and not self.clip_ratio > 0:
+            raise ValueError(f"clip_ratio must be > 0 (or None for no clipping), got {self.clip_ratio}")
+        if self.loss in POLICY_GRADIENT_LOSSES and self.tau != 1.0:
+            raise ValueError(f"{self.loss} needs tau (--temperature) == 1: it weighs the student's temperature-1 "
+                             "log-prob of each sampled token against the rollout's")
         if not self.tau > 0:
             raise ValueError(f"tau (--temperature) must be > 0, got {self.tau}")
         if not 0.0 <= self.beta <= 1.0:
@@ -166,7 +230,7 @@ class KDLossConfig:
 
     @property
     def needs_topk(self) -> bool:
-        return self.loss != "rs_kd"
+        return self.loss not in ("rs_kd", *POLICY_GRADIENT_LOSSES)
 
     @property
     def needs_tail(self) -> bool:
@@ -175,6 +239,11 @@ class KDLossConfig:
     @property
     def needs_samples(self) -> bool:
         return self.loss in SAMPLE_LOSSES
+
+    @property
+    def needs_rollout(self) -> bool:
+        """The loss reads the teacher's and the rollout's log-probs of the gold (sampled) token."""
+        return self.loss in POLICY_GRADIENT_LOSSES
 
     @property
     def sampling_mode(self) -> str:
@@ -192,6 +261,10 @@ class TeacherTargets:
         tail_logmass: float ``[T]`` ``log(1 - sum exp(topk_logprobs))``; may be ``-inf``.
         sample_ids: int64 ``[T, m]`` unique sampled ids, padded with ``-1``.
         sample_weights: float ``[T, m]`` ``count / N``; 0 for padding.
+        target_logprobs: float ``[T]`` the teacher's log-prob of the gold token
+            (``TeacherScores.target_logprobs``); read by ``sampled_rkl``.
+        rollout_logprobs: float ``[T]`` in a rollout cache, the log-prob of the gold
+            (sampled) token under the policy that sampled it; read by ``sampled_rkl``.
     """
 
     topk_ids: Tensor | None = None
@@ -199,6 +272,8 @@ class TeacherTargets:
     tail_logmass: Tensor | None = None
     sample_ids: Tensor | None = None
     sample_weights: Tensor | None = None
+    target_logprobs: Tensor | None = None
+    rollout_logprobs: Tensor | None = None
 
     @property
     def num_positions(self) -> int:
@@ -227,6 +302,12 @@ class TeacherTargets:
                 raise ValueError(f"loss {config.loss!r} needs sample_ids and sample_weights (cache built with sampling)")
             if self.sample_ids.shape != self.sample_weights.shape or self.sample_ids.shape[0] != t:
                 raise ValueError("sample_ids and sample_weights must both be [T, m]")
+        if config.needs_rollout:
+            for name in ("target_logprobs", "rollout_logprobs"):
+                value = getattr(self, name)
+                if value is None or tuple(value.shape) != (t,):
+                    raise ValueError(f"loss {config.loss!r} needs {name} of shape [T] (a cache of kdcache rollout "
+                                     "samples, format v3)")
 
 
 @dataclass
@@ -458,13 +539,54 @@ def tail_sample_kl(
     return p_tail * terms.sum(dim=-1)
 
 
+def sampled_rkl_terms(
+    gold_logprobs: Tensor, teacher_logprobs: Tensor, rollout_logprobs: Tensor, clip_ratio: float | None
+) -> tuple[Tensor, Tensor]:
+    """Per-token ``sampled_rkl`` loss and clip mask (module docstring); ``[T] x3 -> ([T], bool [T])``.
+
+    Args:
+        gold_logprobs: ``log q(x)``, the student's current log-prob of each sampled token
+            (differentiable; its dtype is the computation's).
+        teacher_logprobs: ``log p(x)`` from the cache.
+        rollout_logprobs: ``log mu(x)``, the sampling policy's, from the cache.
+        clip_ratio: PPO ``eps``, or None for no clipping.
+
+    Returns ``(L, clipped)``: ``L = -r A`` where the token is not clipped and the constant
+    ``-clip(r) A`` where it is (zero gradient), which equals ``-min(r A, clip(r) A)``.
+    """
+    dtype = gold_logprobs.dtype
+    advantage = (teacher_logprobs.to(dtype) - gold_logprobs).detach()
+    ratio = torch.exp(gold_logprobs - rollout_logprobs.to(dtype))
+    loss = -ratio * advantage
+    if clip_ratio is None:
+        return loss, torch.zeros_like(loss, dtype=torch.bool)
+    r = ratio.detach()
+    clipped = ((advantage > 0) & (r > 1 + clip_ratio)) | ((advantage < 0) & (r < 1 - clip_ratio))
+    bounded = -r.clamp(1 - clip_ratio, 1 + clip_ratio) * advantage
+    return torch.where(clipped, bounded, loss), clipped
+
+
+def policy_sums(student: StudentLogProbs, targets: TeacherTargets, config: KDLossConfig) -> Tensor:
+    """``[sum (log q(x) - log p(x)), clipped tokens]`` (detached) for ``sampled_rkl``: the
+    ``rkl`` and ``clip_frac`` metrics before averaging."""
+    gold = student.gold.detach()
+    _, clipped = sampled_rkl_terms(gold, targets.target_logprobs, targets.rollout_logprobs, config.clip_ratio)
+    rkl = (gold - targets.target_logprobs.to(gold.dtype)).sum()
+    return torch.stack([rkl, clipped.sum().to(gold.dtype)])
+
+
 def kd_per_token(student: StudentLogProbs, targets: TeacherTargets, config: KDLossConfig) -> Tensor:
     """KD loss per position, already multiplied by ``tau**2``; ``-> [T]``.
 
     This is the production core: it needs only the student's log-probs at the cached ids
-    (plus its tail log-mass for the coarse losses), never full-vocabulary tensors.
+    (plus its tail log-mass for the coarse losses, its gold log-prob for ``sampled_rkl``),
+    never full-vocabulary tensors.
     Computed in the dtype of ``student``'s tensors; teacher tensors are cast to it.
     """
+    if config.needs_rollout:
+        if student.gold is None:
+            raise ValueError(f"loss {config.loss!r} needs gold_ids (the sampled tokens)")
+        return sampled_rkl_terms(student.gold, targets.target_logprobs, targets.rollout_logprobs, config.clip_ratio)[0]
     if config.loss == "rs_kd":
         return rs_kd_cross_entropy(student.samples, targets.sample_weights)
     dtype = student.topk.dtype
@@ -524,10 +646,13 @@ def sparse_kd_loss(
 
     Returns:
         ``(loss, metrics)``: the scalar ``(1 - w) kd + w ce`` and detached floats
-        ``loss``, ``kd``, ``ce`` (NaN without gold ids), ``n_tokens`` (= ``T``) and for
-        ``rs_kd`` also ``rs_kl``; ``kd``/``ce``/``rs_kl`` use the same denominator.
+        ``loss``, ``kd``, ``ce`` (NaN without gold ids), ``n_tokens`` (= ``T``), for
+        ``rs_kd`` also ``rs_kl``, for ``sampled_rkl`` also ``rkl`` and ``clip_frac``; all
+        use the same denominator.
     """
     targets.validate(config)
+    if config.needs_rollout and gold_ids is None:
+        raise ValueError(f"loss {config.loss!r} needs gold_ids (the sampled tokens)")
     student = gather_student_logprobs(student_logits, targets, gold_ids, config)
     kd_sum = kd_per_token(student, targets, config).sum()
     ce_sum = None if student.gold is None else -student.gold.sum()
@@ -536,7 +661,8 @@ def sparse_kd_loss(
     rs_kl_sum = None
     if config.loss == "rs_kd":
         rs_kl_sum = kd_sum.detach() + sample_neg_entropy(targets.sample_weights.to(kd_sum.dtype)).sum()
-    return loss, metrics_dict(loss, kd_sum, ce_sum, rs_kl_sum, denominator, student_logits.shape[0])
+    policy = policy_sums(student, targets, config) if config.needs_rollout else None
+    return loss, metrics_dict(loss, kd_sum, ce_sum, rs_kl_sum, denominator, student_logits.shape[0], policy)
 
 
 def metrics_dict(
@@ -546,8 +672,9 @@ def metrics_dict(
     rs_kl_sum: Tensor | None,
     denominator: float,
     n_tokens: int,
+    policy: Tensor | None = None,
 ) -> dict[str, float]:
-    """Detached float metrics with one device sync."""
+    """Detached float metrics with one device sync (``policy``: :func:`policy_sums`)."""
     nan = torch.full((), float("nan"), dtype=kd_sum.dtype, device=kd_sum.device)
     stacked = torch.stack(
         [
@@ -555,10 +682,13 @@ def metrics_dict(
             kd_sum.detach() / denominator,
             (ce_sum.detach() / denominator) if ce_sum is not None else nan,
             (rs_kl_sum.detach() / denominator) if rs_kl_sum is not None else nan,
+            *((policy.detach().to(kd_sum.dtype) / denominator).unbind() if policy is not None else (nan, nan)),
         ]
     ).tolist()
     out = {"loss": stacked[0], "kd": stacked[1], "ce": stacked[2], "n_tokens": float(n_tokens)}
     if rs_kl_sum is not None:
         out["rs_kl"] = stacked[3]
+    if policy is not None:
+        out["rkl"], out["clip_frac"] = stacked[4], stacked[5]
     return out
 

@@ -541,9 +541,10 @@ def generate_teacher_cache(cfg: GenerateConfig) -> dict | None:
                 else:
                     stream = backend.score(examples, scoring)
                 results = []
-                for result in stream:
+                for ex, result in zip(examples, stream):
                     if (problem := scores_problem(result)) is not None:
                         raise KdcacheError(problem)
+                    result.rollout_logprobs = ex.rollout_logprobs  # rollout rows: the sampling policy's log-probs
                     results.append(result)
                     progress.update(1, result.num_targets)
                 progress.update(len(skipped), 0)
@@ -573,7 +574,7 @@ def generate_teacher_cache(cfg: GenerateConfig) -> dict | None:
         {
             "dataset_rows": total_rows,
             "teacher": teacher_info,
-            "dataset": {k: dataset_info[k] for k in ("source", "format", "fingerprint")},
+            "dataset": {k: dataset_info[k] for k in ("source", "format", "fingerprint", "rollout") if k in dataset_info},
             "finished_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         },
     )

@@ -1,0 +1,523 @@
+"""``kdcache rollout``: a student samples responses to a dataset's prompts, into shards that
+``generate-teacher`` reads as they are (layout: :mod:`kdcache.rollout.rows`).
+
+Sharding and resume work like stage one: prompt ``seq_id`` belongs to shard
+``seq_id // shard_size``; worker ``I`` of ``W`` fills the shards with ``index % W == I``; a
+shard is written to a hidden temporary file, fsynced and renamed, then its record is
+written the same way, so a ``kill -9`` loses at most the shard in flight and a rerun of the
+same command writes it again with the same rows (every sample has its own seed, see
+:mod:`kdcache.rollout.engine`). The last worker to finish writes ``rollout.json``.
+
+A LoRA adapter directory (``adapter_config.json``) is merged into its base in a temporary
+directory (``$TMPDIR``) before the engine starts, and removed after: vLLM then loads a plain
+checkpoint (its LoRA support limits ranks and target modules, and the transformers engine
+would need peft at every step), the two engines sample the same merged weights, and
+``train-student``'s ``run/model`` (already merged) needs no extra copy.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import itertools
+import json
+import math
+import os
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+
+from kdcache import __version__
+from kdcache.cache.manifest import write_json_atomic
+from kdcache.config import changed_keys
+from kdcache.errors import KdcacheError, first_line
+from kdcache.rollout import rows as layout
+from kdcache.rollout.engine import Completion, RolloutEngine, SamplingSettings
+
+
+@dataclass
+class RolloutConfig:
+    """Everything ``kdcache rollout`` takes. Lengths in tokens; ``shard_size`` in prompts."""
+
+    student: str
+    dataset: str
+    output: str
+    samples_per_prompt: int = 4
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_new_tokens: int = 256
+    max_length: int = 2048
+    seed: int = 0
+    round: int = 0
+    backend: str = "auto"
+    data_format: str | None = None
+    split: str = "train"
+    shard_size: int = 256
+    num_workers: int = 1
+    worker_index: int = 0
+    output_format: str = "parquet"
+    max_prompts: int | None = None
+    skip_bad_rows: bool = False
+    dtype: str = "auto"
+    quantization: str | None = None
+    tensor_parallel_size: int = 1
+    gpu_memory_utilization: float | None = None
+    max_num_batched_tokens: int | None = None
+    max_model_len: int | None = None
+    enforce_eager: bool | None = None
+    progress: bool = True
+    engine_options: dict = field(default_factory=dict)
+
+    def sampling(self) -> SamplingSettings:
+        return SamplingSettings(self.samples_per_prompt, self.temperature, self.top_p, self.max_new_tokens, self.seed,
+                                self.max_length)
+
+    def check(self) -> None:
+        self.sampling().check()
+        if self.backend not in ("auto", "vllm", "hf"):
+            raise KdcacheError(f"--backend must be auto, vllm or hf, got {self.backend!r}")
+        if self.output_format not in layout.OUTPUT_FORMATS:
+            raise KdcacheError(f"--output-format must be parquet or jsonl, got {self.output_format!r}")
+        if self.num_workers < 1 or not 0 <= self.worker_index < self.num_workers:
+            raise KdcacheError(f"--worker-index must be in [0, --num-workers), got {self.worker_index} of {self.num_workers}")
+        if self.shard_size < 1 or self.max_length < 2:
+            raise KdcacheError("--shard-size must be >= 1 and --max-length >= 2")
+        if self.max_prompts is not None and self.max_prompts < 1:
+            raise KdcacheError(f"--max-prompts must be >= 1, got {self.max_prompts}")
+        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
+            raise KdcacheError(f"--dtype {self.dtype!r}: use auto, float32, bfloat16 or float16")
+
+
+# --------------------------------------------------------------------------- student
+
+
+@dataclass
+class Student:
+    """The model that samples: an HF directory, or an adapter to merge into its base first."""
+
+    spec: str
+    path: Path  # the HF directory, or the adapter directory
+    base: Path | None  # the adapter's base model, or None
+    identity: dict  # what rollout.json records (content hashes)
+
+    def tokenizer_dir(self) -> Path:
+        if self.base is None or (self.path / "tokenizer_config.json").exists():
+            return self.path
+        return self.base
+
+
+def resolve_student(spec: str) -> Student:
+    """Locate the student and hash it (config and weights; base and adapter for an adapter).
+
+    Raises:
+        KdcacheError: not a model or adapter directory (one line naming it).
+    """
+    from kdcache.rollout.provenance import weights_sha256
+    from kdcache.teacher.loading import read_config
+
+    path = Path(spec).expanduser()
+    if not path.is_dir():
+        raise KdcacheError(f"{spec}: the student must be a local model directory or a LoRA adapter directory")
+    adapter_config = path / "adapter_config.json"
+    if adapter_config.exists():
+        try:
+            base_spec = json.loads(adapter_config.read_text())["base_model_name_or_path"]
+        except (ValueError, KeyError) as exc:
+            raise KdcacheError(f"{adapter_config}: unreadable adapter config ({first_line(exc)})") from None
+        base = Path(base_spec).expanduser()
+        if not base.is_dir():
+            raise KdcacheError(f"{spec}: the adapter's base model {base_spec!r} is not a local directory")
+        config = base / "config.json"
+        read_config(base)
+        adapter = {"path": str(path.resolve()), "weights_sha256": weights_sha256(path),
+                   "config_sha256": _sha256_bytes(adapter_config)}
+        combined = hashlib.sha256(f"{weights_sha256(base)}+{adapter['weights_sha256']}".encode()).hexdigest()
+        identity = {"spec": spec, "path": str(base.resolve()), "config_sha256": _sha256_bytes(config),
+                    "weights_sha256": combined, "adapter": adapter}
+        return Student(spec, path, base, identity)
+    read_config(path)
+    identity = {"spec": spec, "path": str(path.resolve()), "config_sha256": _sha256_bytes(path / "config.json"),
+                "weights_sha256": weights_sha256(path), "adapter": None}
+    return Student(spec, path, None, identity)
+
+
+def _sha256_bytes(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def merged_student(student: Student, tokenizer: Any) -> tuple[Path, Path | None]:
+    """``(model directory, temporary directory to remove)``: the student itself, or its
+    adapter merged into the base (in the base's dtype) in a new temporary directory."""
+    if student.base is None:
+        return student.path, None
+    from kdcache.student.modeling import checkpoint_dtype, export_model
+
+    tmp = Path(tempfile.mkdtemp(prefix="kdcache-student-"))
+    target = tmp / "model"
+    export_model(student.path, target, tokenizer=tokenizer, dtype=checkpoint_dtype(student.base), base=str(student.base))
+    return target, tmp
+
+
+# ------------------------------------------------------------------------ directory
+
+
+def _hash(payload: dict) -> str:
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
+def _create_once(path: Path, payload: dict) -> None:
+    """Create ``path`` as JSON unless it exists (atomic: workers racing agree on one)."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(payload, indent=2) + "\n")
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        pass
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _records(out: Path) -> list[Path]:
+    return sorted((out / layout.SHARD_DIR).glob(layout.RECORD_PATTERN.replace("{index:05d}", "*")))
+
+
+def claim_directory(out: Path, settings: dict) -> str:
+    """Record the settings in ``rollout-run.json``, or refuse a directory holding a rollout
+    with other settings; returns the settings hash. A directory with no finished shard is
+    claimed afresh (its old settings held nothing to keep)."""
+    out.mkdir(parents=True, exist_ok=True)
+    run_path = out / layout.RUN_NAME
+    payload = {"settings_hash": _hash(settings), "settings": settings, "tool_version": __version__}
+    if not run_path.exists():
+        ours = {layout.RUN_NAME, layout.ENGINE_NAME}
+        if any(p for p in out.iterdir() if not p.name.startswith(".") and p.name not in ours):
+            raise KdcacheError(f"{out}: directory is not empty and holds no kdcache rollout; choose an empty --output")
+        _create_once(run_path, payload)
+    existing = json.loads(run_path.read_text())
+    if existing.get("settings_hash") == payload["settings_hash"]:
+        return payload["settings_hash"]
+    diffs = ", ".join(changed_keys(existing.get("settings", {}), settings))
+    if _records(out):
+        raise KdcacheError(f"{out}: holds a rollout made with other settings ({diffs} differ); use a new --output "
+                           "directory or rerun with the original settings")
+    print(f"kdcache: {out} held an unfinished rollout with other settings ({diffs} differ) and no finished shard; "
+          "starting over with these settings", file=sys.stderr)
+    for stale in (out / layout.SHARD_DIR, out / layout.WORKERS_DIR, out / layout.ENGINE_NAME):
+        if stale.is_dir():
+            shutil.rmtree(stale, ignore_errors=True)
+        else:
+            stale.unlink(missing_ok=True)
+    write_json_atomic(run_path, payload)
+    return payload["settings_hash"]
+
+
+def claim_engine(out: Path, engine: dict) -> None:
+    """All shards of a rollout come from one engine: the same seed gives other samples in
+    vLLM and in transformers, so a worker that loaded another backend or dtype stops."""
+    path = out / layout.ENGINE_NAME
+    if not path.exists():
+        _create_once(path, engine)
+    existing = json.loads(path.read_text())
+    if {k: existing.get(k) for k in ("backend", "dtype")} != {k: engine.get(k) for k in ("backend", "dtype")}:
+        raise KdcacheError(f"{out}: its shards are sampled with backend {existing.get('backend')} in {existing.get('dtype')}, "
+                           f"but this worker loaded {engine.get('backend')} in {engine.get('dtype')}; pass "
+                           f"--backend {existing.get('backend')} --dtype {existing.get('dtype')}")
+
+
+def load_record(out: Path, index: int) -> dict | None:
+    """The record of a finished shard, or None (missing, unreadable, or its file changed size)."""
+    path = out / layout.SHARD_DIR / layout.RECORD_PATTERN.format(index=index)
+    try:
+        record = json.loads(path.read_text())
+        shard = out / record["file"]
+        return record if shard.exists() and shard.stat().st_size == record["bytes"] else None
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+# ---------------------------------------------------------------------------- shards
+
+
+def completion_rows(completions: list[Completion], tokenizer: Any, references: dict[int, str | None],
+                    tokenizer_key: str) -> dict[str, list]:
+    """Column lists of a shard (:data:`kdcache.rollout.rows.ROW_FIELDS`) from its completions."""
+    columns: dict[str, list] = {name: [] for name in layout.ROW_FIELDS}
+    for c in completions:
+        columns["prompt_seq_id"].append(int(c.seq_id))
+        columns["sample_index"].append(int(c.sample_index))
+        columns["prompt_source"].append(c.source)
+        columns["prompt_ids"].append(c.prompt_ids.astype(np.int32))
+        columns["response_ids"].append(c.response_ids.astype(np.int32))
+        columns["response_logprobs"].append(c.logprobs.astype(np.float32))
+        columns["finish_reason"].append(c.finish_reason)
+        columns["prompt"].append(tokenizer.decode(c.prompt_ids.tolist(), skip_special_tokens=False))
+        columns["response"].append(tokenizer.decode(c.response_ids.tolist(), skip_special_tokens=True))
+        columns["reference"].append(references.get(c.seq_id))
+        columns["tokenizer"].append(tokenizer_key)
+    return columns
+
+
+def encode_shard(columns: dict[str, list], output_format: str) -> bytes:
+    """The shard file's bytes: zstd Parquet (one row group) or JSON Lines."""
+    if output_format == "jsonl":
+        keys = list(layout.ROW_FIELDS)
+        lines = []
+        for values in zip(*(columns[k] for k in keys)):
+            row = {k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in zip(keys, values)}
+            lines.append(json.dumps(row, ensure_ascii=False) + "\n")
+        return "".join(lines).encode("utf-8")
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    schema = layout.row_schema()
+    arrays = []
+    for f in schema:
+        values = columns[f.name]
+        if pa.types.is_list(f.type):
+            offsets = np.zeros(len(values) + 1, dtype=np.int32)
+            np.cumsum([len(v) for v in values], out=offsets[1:])
+            flat = np.concatenate(values) if values else np.zeros(0)
+            arrays.append(pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat, f.type.value_type)))
+        else:
+            arrays.append(pa.array(values, f.type))
+    sink = pa.BufferOutputStream()
+    pq.write_table(pa.Table.from_arrays(arrays, schema=schema), sink, compression="zstd",
+                   row_group_size=max(1, len(columns["prompt_seq_id"])))
+    return sink.getvalue().to_pybytes()
+
+
+def _fsync_write(path: Path, data: bytes) -> None:
+    with open(path, "wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def write_shard(out: Path, index: int, data: bytes, output_format: str, stats: dict) -> dict:
+    """Write shard ``index`` and then its record, each atomically; returns the record."""
+    shard_dir = out / layout.SHARD_DIR
+    shard_dir.mkdir(parents=True, exist_ok=True)
+    name = layout.shard_name(index, output_format)
+    record_name = layout.RECORD_PATTERN.format(index=index)
+    for stale in [*shard_dir.glob(f".{name}.tmp-*"), *shard_dir.glob(f".{record_name}.tmp-*")]:
+        stale.unlink(missing_ok=True)
+    record = {"index": index, "file": f"{layout.SHARD_DIR}/{name}", "bytes": len(data),
+              "sha256": hashlib.sha256(data).hexdigest(), **stats}
+    for path, payload in ((shard_dir / name, data), (shard_dir / record_name, (json.dumps(record, indent=1) + "\n").encode())):
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        try:
+            _fsync_write(tmp, payload)
+            os.replace(tmp, path)
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            raise KdcacheError(f"{path}: cannot write ({exc.strerror or exc}); free space or fix permissions and rerun "
+                               "the same command (finished shards are kept)") from None
+    return record
+
+
+def _shards_of_rows(rows: Iterator[tuple[int, str, Any]], shard_size: int) -> Iterator[tuple[int, list]]:
+    for index, group in itertools.groupby(rows, key=lambda item: item[0] // shard_size):
+        yield index, list(group)
+
+
+# ------------------------------------------------------------------------------- run
+
+
+def run_rollout(cfg: RolloutConfig, engine: RolloutEngine | None = None) -> dict | None:
+    """Sample this worker's shards; returns ``rollout.json`` if the rollout is complete afterwards.
+
+    Args:
+        cfg: the settings.
+        engine: an engine already loaded with ``cfg.student`` (left open); None builds one
+            from ``cfg`` when a shard needs sampling and closes it at the end.
+    """
+    from transformers import AutoTokenizer
+
+    from kdcache.data import SkippedRow, open_dataset, reference_text, tokenize_rows
+    from kdcache.rollout.engine import make_engine
+    from kdcache.teacher.loading import resolve_local, tokenizer_fingerprint
+
+    cfg.check()
+    if not cfg.progress:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    out = Path(cfg.output)
+    student = resolve_student(cfg.student)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(student.tokenizer_dir()))
+    except Exception as exc:  # noqa: BLE001 - missing or broken tokenizer files fail in many ways
+        raise KdcacheError(f"{cfg.student}: cannot load the student's tokenizer ({first_line(exc)})") from None
+    tok_fp = tokenizer_fingerprint(tokenizer)
+    tokenizer_key = f"{tok_fp['vocab_size']}:{tok_fp['vocab_sha256']}"
+    dataset = open_dataset(cfg.dataset, fmt=cfg.data_format, split=cfg.split)
+    data_format = dataset.format
+    fingerprint = dataset.fingerprint()
+    sampling = cfg.sampling()
+    settings = {
+        "format_version": layout.ROLLOUT_VERSION,
+        "student": {k: student.identity[k] for k in ("config_sha256", "weights_sha256")},
+        "tokenizer": tok_fp,
+        "round": cfg.round,
+        "sampling": sampling.to_json(),
+        "prompts": {"fingerprint": fingerprint, "format": data_format, "max_prompts": cfg.max_prompts},
+        "shard_size": cfg.shard_size,
+        "output_format": cfg.output_format,
+    }
+    settings_hash = claim_directory(out, settings)
+
+    total = dataset.num_rows_hint()
+    if total is None:
+        total = sum(1 for _ in dataset.rows())
+    if cfg.max_prompts is not None:
+        total = min(total, cfg.max_prompts)
+    n_shards = math.ceil(total / cfg.shard_size)
+    todo = [i for i in range(n_shards) if i % cfg.num_workers == cfg.worker_index and load_record(out, i) is None]
+
+    own_engine, merged_tmp = engine is None, None
+    bar = _progress(sum(min(cfg.shard_size, total - i * cfg.shard_size) for i in todo), cfg.progress)
+    try:
+        rows = itertools.takewhile(lambda item: item[0] < total, dataset.rows())
+        for index, shard_rows in _shards_of_rows(rows, cfg.shard_size):
+            if index not in todo:
+                continue
+            examples, skipped = [], []
+            for item in tokenize_rows(shard_rows, tokenizer, cfg.max_length, fmt=data_format,
+                                      skip_bad_rows=cfg.skip_bad_rows, prompt_only=True):
+                if isinstance(item, SkippedRow):
+                    skipped.append({"seq_id": item.seq_id, "source": item.source, "reason": item.reason})
+                else:
+                    examples.append(item)
+            if engine is None:  # loaded once the first shard is tokenized: a bad first row fails fast
+                model_dir, merged_tmp = merged_student(student, tokenizer)
+                engine = make_engine(cfg.backend, resolve_local(model_dir), dtype=cfg.dtype,
+                                     **_engine_options(cfg, model_dir))
+            claim_engine(out, {"backend": engine.name, "dtype": str(engine.dtype), "version": engine.engine_version()})
+            references = {seq_id: reference_text(row, data_format) if isinstance(row, dict) else None
+                          for seq_id, _, row in shard_rows}
+            completions = []
+            for completion in engine.sample(examples, sampling):
+                completions.append(completion)
+                bar.update(int(completion.sample_index == sampling.samples_per_prompt - 1), completion.num_tokens)
+            bar.update(len(skipped), 0)
+            columns = completion_rows(completions, tokenizer, references, tokenizer_key)
+            stats = {"prompts": len(shard_rows), "rows": len(completions),
+                     "response_tokens": int(sum(c.num_tokens for c in completions)),
+                     "stopped": sum(c.finish_reason == "stop" for c in completions), "skipped": skipped}
+            _check_claim(out, settings_hash)
+            write_shard(out, index, encode_shard(columns, cfg.output_format), cfg.output_format, stats)
+    finally:
+        bar.close()
+        if own_engine and engine is not None:
+            engine.close()
+        if merged_tmp is not None:
+            shutil.rmtree(merged_tmp, ignore_errors=True)
+
+    (out / layout.WORKERS_DIR).mkdir(exist_ok=True)
+    write_json_atomic(out / layout.WORKERS_DIR / f"worker-{cfg.worker_index}-of-{cfg.num_workers}.json", {
+        "prompts": {"source": str(cfg.dataset), "format": data_format, "fingerprint": fingerprint, "rows": total,
+                    "split": getattr(dataset, "split", None), "max_length": cfg.max_length},
+        "student": student.identity,
+        "finished_at": _now(),
+    })
+    return finalize(out)
+
+
+def _check_claim(out: Path, settings_hash: str) -> None:
+    existing = json.loads((out / layout.RUN_NAME).read_text())
+    if existing.get("settings_hash") != settings_hash:
+        raise KdcacheError(f"{out}: another rollout with other settings took over this directory; this run stops")
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def finalize(out: str | Path) -> dict | None:
+    """Write ``rollout.json`` if every shard is finished; returns it, else None."""
+    out = Path(out)
+    workers = sorted((out / layout.WORKERS_DIR).glob("worker-*.json")) if (out / layout.WORKERS_DIR).exists() else []
+    if not workers:
+        return None
+    run = json.loads((out / layout.RUN_NAME).read_text())
+    meta = json.loads(workers[0].read_text())
+    settings = run["settings"]
+    n_shards = math.ceil(meta["prompts"]["rows"] / settings["shard_size"])
+    records = [load_record(out, i) for i in range(n_shards)]
+    if any(r is None for r in records):
+        return None
+    engine_path = out / layout.ENGINE_NAME
+    engine = json.loads(engine_path.read_text()) if engine_path.exists() else {}
+    manifest = {
+        "format": layout.ROLLOUT_FORMAT,
+        "format_version": layout.ROLLOUT_VERSION,
+        "complete": True,
+        "created_at": _now(),
+        "tool_version": f"kdcache {__version__}",
+        "round": settings["round"],
+        "student": meta["student"],
+        "tokenizer": settings["tokenizer"],
+        "engine": engine,
+        "sampling": {**settings["sampling"], "logprobs": "sampling distribution: log-softmax after temperature and "
+                     "top-p over the tokenizer's vocabulary (0 for greedy decoding)"},
+        "prompts": meta["prompts"],
+        "output_format": settings["output_format"],
+        "shard_size": settings["shard_size"],
+        "settings_hash": run["settings_hash"],
+        "shards": records,
+        "totals": {
+            "prompts": sum(r["prompts"] for r in records),
+            "rows": sum(r["rows"] for r in records),
+            "response_tokens": sum(r["response_tokens"] for r in records),
+            "stopped": sum(r["stopped"] for r in records),
+            "skipped_prompts": sum(len(r["skipped"]) for r in records),
+            "bytes": sum(r["bytes"] for r in records),
+        },
+    }
+    write_json_atomic(out / layout.MANIFEST_NAME, manifest)
+    return manifest
+
+
+def _engine_options(cfg: RolloutConfig, model_dir: Path) -> dict:
+    """vLLM options; the context defaults to ``--max-length`` (prompt + response), capped at the model's."""
+    from kdcache.teacher.loading import read_config
+
+    config = read_config(model_dir)
+    config = config.get("text_config") or config
+    context = next((v for k in ("max_position_embeddings", "n_positions", "max_seq_len")
+                    if isinstance(v := config.get(k), int)), None)
+    options = {
+        "quantization": cfg.quantization,
+        "tensor_parallel_size": cfg.tensor_parallel_size,
+        "gpu_memory_utilization": cfg.gpu_memory_utilization,
+        "max_num_batched_tokens": cfg.max_num_batched_tokens,
+        "max_model_len": cfg.max_model_len or min(cfg.max_length, context or cfg.max_length),
+        "enforce_eager": cfg.enforce_eager,
+        "seed": cfg.seed,
+    }
+    options.update(cfg.engine_options)
+    return options
+
+
+class _progress:
+    """tqdm over prompts with sampled tokens/s in the postfix."""
+
+    def __init__(self, total: int, enabled: bool) -> None:
+        from tqdm.auto import tqdm
+
+        self.bar = tqdm(total=total, unit="prompt", disable=not enabled, dynamic_ncols=True, file=sys.stderr)
+        self.tokens, self.start = 0, time.perf_counter()
+
+    def update(self, prompts: int, tokens: int) -> None:
+        self.tokens += tokens
+        self.bar.set_postfix_str(f"{self.tokens / max(time.perf_counter() - self.start, 1e-9):,.0f} tok/s", refresh=False)
+        self.bar.update(prompts)
+
+    def close(self) -> None:
+        self.bar.close()
