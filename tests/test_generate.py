@@ -367,6 +367,7 @@ def test_smollm2_gguf_default_mode_through_vllm(tmp_path):
     deadline = time.time() + 600
     while time.time() < deadline and proc.poll() is None and not list((out / "shards").glob("part-*.json")):
         time.sleep(0.02)
+    assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     first = len(list((out / "shards").glob("part-*.json")))
@@ -501,3 +502,73 @@ def test_a_teacher_that_overflows_everywhere_is_refused_at_load(tiny_llama, tmp_
         generate_teacher_cache(_cfg(tmp_path / "inf", data, tmp_path / "c"))
     assert "\n" not in str(err.value)
     assert not list((tmp_path / "c").glob("shards/part-*"))
+
+
+def _prompt_rows(n: int) -> list[dict]:
+    return [{"messages": [{"role": "user", "content": f"Question {i}: {CORPUS[i % 6]}"}]} for i in range(n)]
+
+
+def test_generate_mode_writes_then_scores_the_responses(tiny_llama, tmp_path):
+    """--mode generate: phase 1 samples the teacher's responses with the rollout engine (one
+    file per shard, freed before scoring), phase 2 scores prompt + response in any cache mode;
+    the response tokens are the targets, --max-length bounds prompt + response, and rescoring
+    a shard after deleting it gives the same bytes."""
+    from transformers import AutoTokenizer
+
+    from kdcache.data.example import TokenizedExample
+    from kdcache.teacher.base import ScoringSettings
+    from kdcache.teacher.hf_backend import HFBackend
+
+    data = _write_jsonl(tmp_path / "prompts.jsonl", _prompt_rows(6))
+    out = tmp_path / "gen"
+    cfg = dict(mode="generate", top_k=4, sampling="tail", samples=8, max_new_tokens=12, temperature=0.8, top_p=0.95,
+               max_length=40, shard_size=3, seed=5)
+    manifest = generate_teacher_cache(_cfg(tiny_llama, data, out, **cfg))
+    assert manifest["mode"] == "generate" and manifest["totals"]["sequences"] == 6
+    assert json.loads((out / "scorer.json").read_text())["generation_engine"] == "hf"
+    assert not list((out / "generations").glob("*.json")), "phase 1 files are removed once the shards are recorded"
+    tok = AutoTokenizer.from_pretrained(tiny_llama)
+    seqs = list(CacheReader(out).iter_sequences())
+    backend = HFBackend(tiny_llama, dtype="float32")
+    settings = ScoringSettings(top_k=4, num_samples=8, sample_tail=True, seed=5)
+    for s in seqs:
+        prompt = tok.apply_chat_template(_prompt_rows(6)[s.seq_id]["messages"], add_generation_prompt=True)
+        prompt = prompt["input_ids"] if hasattr(prompt, "keys") else prompt
+        assert s.input_ids[: len(prompt)].tolist() == list(prompt)
+        assert s.target_positions.tolist() == list(range(len(prompt), len(s.input_ids)))
+        assert 1 <= s.num_targets <= 12 and len(s.input_ids) <= 40
+        rescored = list(backend.score([TokenizedExample(s.seq_id, s.source, s.input_ids, s.target_positions)],
+                                      settings))[0]
+        np.testing.assert_array_equal(rescored.topk_ids, s.topk_ids)
+        for r in range(s.num_targets):  # the cache orders a position's draws by id code
+            a, b = slice(s.sample_offsets[r], s.sample_offsets[r + 1]), slice(rescored.sample_offsets[r],
+                                                                           rescored.sample_offsets[r + 1])
+            assert dict(zip(s.sample_ids[a], s.sample_counts[a])) == dict(zip(rescored.sample_ids[b],
+                                                                             rescored.sample_counts[b]))
+    shard = (out / "shards" / "part-00001.parquet").read_bytes()
+    (out / "shards" / "part-00001.parquet").unlink()
+    (out / "shards" / "part-00001.json").unlink()
+    (out / "manifest.json").unlink()
+    generate_teacher_cache(_cfg(tiny_llama, data, out, **cfg))
+    assert (out / "shards" / "part-00001.parquet").read_bytes() == shard
+    # other sampling settings are other content: refused in the same directory
+    with pytest.raises(KdcacheError, match="different settings"):
+        generate_teacher_cache(_cfg(tiny_llama, data, out, **{**cfg, "temperature": 0.5}))
+
+
+@pytest.mark.slow
+def test_generate_mode_through_vllm(tiny_llama, tmp_path):
+    """--mode generate with vLLM installed: vLLM's generation engine writes the responses and is
+    shut down, then the statistics engine scores them (default cache mode)."""
+    data = _write_jsonl(tmp_path / "prompts.jsonl", _prompt_rows(4))
+    out = tmp_path / "gen"
+    result = _run_cli("generate-teacher", "--teacher", str(tiny_llama), "--dataset", str(data), "--output", str(out),
+                      "--mode", "generate", "--max-new-tokens", "10", "--max-length", "64", "--dtype", "float32",
+                      "--no-progress", timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    scorer = json.loads((out / "scorer.json").read_text())
+    assert scorer["generation_engine"] == "vllm" and scorer["scoring_path"] == "vllm-statistics-pooler"
+    assert verify_cache(out) == []
+    seqs = list(CacheReader(out).iter_sequences())
+    assert len(seqs) == 4 and all(1 <= s.num_targets <= 10 for s in seqs)
+    assert all(s.topk_ids.shape[1] == 4 and s.sample_offsets[-1] > 0 for s in seqs)

@@ -49,7 +49,6 @@ import abc
 import atexit
 import gc
 import hashlib
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,7 +58,8 @@ import numpy as np
 
 from kdcache.data.example import TokenizedExample
 from kdcache.errors import KdcacheError, first_line
-from kdcache.teacher.loading import ResolvedTeacher, resolve_dtype, resolve_local, teacher_description
+from kdcache.teacher.loading import ResolvedTeacher, context_length, resolve_dtype, resolve_local, teacher_description
+from kdcache.teacher.vllm_engine import EngineUnusable, close_engine, engine_options, eos_ids
 
 logger = logging.getLogger("kdcache")
 
@@ -156,28 +156,6 @@ class Completion:
         return int(self.response_ids.shape[0])
 
 
-def eos_token_ids(tokenizer: Any, model_dir: str | Path) -> list[int]:
-    """EOS ids: the tokenizer's and those of ``generation_config.json`` (ids < ``len(tokenizer)``)."""
-    ids: set[int] = set()
-    if getattr(tokenizer, "eos_token_id", None) is not None:
-        ids.add(int(tokenizer.eos_token_id))
-    path = Path(model_dir) / "generation_config.json"
-    if path.exists():
-        try:
-            eos = json.loads(path.read_text()).get("eos_token_id")
-        except ValueError:
-            raise KdcacheError(f"{path}: invalid JSON; fix or delete the file") from None
-        ids.update([eos] if isinstance(eos, int) else (eos or []))
-    return sorted(int(i) for i in ids if 0 <= int(i) < len(tokenizer))
-
-
-def config_vocab_rows(model_dir: str | Path) -> int | None:
-    """The model's logit rows (``vocab_size`` of ``config.json`` or its ``text_config``)."""
-    config = json.loads((Path(model_dir) / "config.json").read_text())
-    rows = config.get("vocab_size") or (config.get("text_config") or {}).get("vocab_size")
-    return int(rows) if rows else None
-
-
 class RolloutEngine(abc.ABC):
     """Samples :class:`Completion` s for tokenized prompts (see the module docstring).
 
@@ -245,10 +223,6 @@ class RolloutEngine(abc.ABC):
 # ---------------------------------------------------------------------------- vLLM
 
 
-class EngineUnusable(KdcacheError):
-    """vLLM started but cannot run this model (e.g. a kernel missing from this build)."""
-
-
 class VLLMEngine(RolloutEngine):
     """Sampling on a vLLM ``LLM`` (``runner="generate"``, ``logprobs_mode="processed_logprobs"``).
 
@@ -292,25 +266,19 @@ class VLLMEngine(RolloutEngine):
         self.dtype = resolve_dtype(dtype, on_cpu, quantization or self.model.quantization)
         self.tokenizer = AutoTokenizer.from_pretrained(str(self.model.path))
         self.vocab_size = len(self.tokenizer)
-        self.eos_ids = eos_token_ids(self.tokenizer, self.model.path)
-        self.engine_options: dict[str, Any] = {
-            "dtype": self.dtype,
-            "quantization": quantization,
-            "tensor_parallel_size": tensor_parallel_size or 1,
-            "gpu_memory_utilization": gpu_memory_utilization or (0.3 if on_cpu else 0.85),
-            "max_num_batched_tokens": max_num_batched_tokens,
-            "max_model_len": max_model_len,
-            "enforce_eager": on_cpu if enforce_eager is None else enforce_eager,
-            "seed": seed or 0,
-        }
+        self.eos_ids = eos_ids(self.tokenizer, self.model.path)
+        self.engine_options = engine_options(
+            dtype=self.dtype, on_cpu=on_cpu, quantization=quantization, tensor_parallel_size=tensor_parallel_size,
+            gpu_memory_utilization=gpu_memory_utilization, max_num_batched_tokens=max_num_batched_tokens,
+            max_model_len=max_model_len, enforce_eager=enforce_eager, seed=seed,
+        )
         self._llm = LLM(
             str(self.model.path),
             runner="generate",
             skip_tokenizer_init=True,
             logprobs_mode="processed_logprobs",
             generation_config="vllm",
-            use_tqdm_on_load=False,  # the caller's progress bar says what matters
-            **{k: v for k, v in self.engine_options.items() if v is not None},
+            **self.engine_options,
             **(extra_engine_args or {}),
         )
         atexit.register(self.close)
@@ -385,25 +353,7 @@ class VLLMEngine(RolloutEngine):
             return
         self._llm = None
         atexit.unregister(self.close)
-        shutdown_llm(llm, shutdown_timeout_s)
-
-
-def shutdown_llm(llm: Any, timeout_s: float = 60.0) -> None:
-    """Shut a ``vllm.LLM`` down and join its client's output thread.
-
-    A daemon thread still inside zmq at interpreter exit aborts the process ("terminate
-    called without an active exception"); vLLM's default grace (5 s) ends in a force kill.
-    """
-    client = llm.llm_engine.engine_core
-    try:
-        client.shutdown(timeout=timeout_s)
-        thread = getattr(client, "output_queue_thread", None)
-        if thread is not None:
-            thread.join(timeout=timeout_s)
-    except Exception:  # noqa: BLE001 - best effort at teardown
-        logger.debug("vLLM engine shutdown raised", exc_info=True)
-    del llm
-    gc.collect()
+        close_engine(llm, shutdown_timeout_s)
 
 
 # -------------------------------------------------------------------- transformers
@@ -439,7 +389,7 @@ class HFEngine(RolloutEngine):
         dtype = resolve_dtype(dtype, self.device.type == "cpu", None)
         self.tokenizer = AutoTokenizer.from_pretrained(str(self.model.path))
         self.vocab_size = len(self.tokenizer)
-        self.eos_ids = eos_token_ids(self.tokenizer, self.model.path)
+        self.eos_ids = eos_ids(self.tokenizer, self.model.path)
         torch_dtype: Any = "auto" if dtype == "auto" else getattr(torch, _DTYPES.get(dtype, dtype))
         try:
             net = AutoModelForCausalLM.from_pretrained(str(self.model.path), dtype=torch_dtype)
@@ -447,9 +397,7 @@ class HFEngine(RolloutEngine):
             raise KdcacheError(f"{self.model.spec}: transformers cannot load the model ({first_line(exc)})") from None
         self.net = net.to(self.device).eval()
         self.dtype = str(next(self.net.parameters()).dtype).removeprefix("torch.")
-        config = net.config.get_text_config() if hasattr(net.config, "get_text_config") else net.config
-        context = getattr(config, "max_position_embeddings", None)
-        self.max_model_len = int(context) if isinstance(context, int) else None
+        self.max_model_len = context_length(net.config.to_dict())
 
     def engine_version(self) -> str:
         import transformers

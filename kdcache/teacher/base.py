@@ -32,26 +32,6 @@ class ScoringSettings:
     draws: str = "systematic"
 
 
-@dataclass(frozen=True)
-class GenerationSettings:
-    """Sampling flags for ``--mode generate`` (sequence-level KD).
-
-    ``max_length`` (None: no bound) caps prompt + response: a response gets at most
-    ``min(max_new_tokens, max_length - prompt tokens)`` tokens.
-    """
-
-    max_new_tokens: int = 256
-    temperature: float = 1.0
-    top_p: float = 1.0
-    seed: int = 0
-    max_length: int | None = None
-
-    def budget(self, prompt_tokens: int) -> int:
-        """New tokens allowed after a prompt of ``prompt_tokens`` tokens (>= 0)."""
-        room = self.max_new_tokens if self.max_length is None else min(self.max_new_tokens, self.max_length - prompt_tokens)
-        return max(0, room)
-
-
 class TeacherBackend(abc.ABC):
     """Scores tokenized sequences with a teacher and returns sparse distributions.
 
@@ -69,12 +49,6 @@ class TeacherBackend(abc.ABC):
     @abc.abstractmethod
     def score(self, examples: Sequence[TokenizedExample], settings: ScoringSettings) -> Iterator[TeacherScores]:
         """Teacher-forced scoring; yields one result per example, in input order."""
-
-    @abc.abstractmethod
-    def generate(
-        self, examples: Sequence[TokenizedExample], settings: ScoringSettings, gen: GenerationSettings
-    ) -> Iterator[TeacherScores]:
-        """Teacher writes the response after each prompt; generated tokens are the targets."""
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release the model (GPU memory, engine processes)."""

@@ -32,7 +32,7 @@ from kdcache.cache.records import scores_problem
 from kdcache.cache.writer import ShardRecord, load_shard_record, write_shard
 from kdcache.config import changed_keys
 from kdcache.errors import KdcacheError, first_line
-from kdcache.teacher.base import GenerationSettings, ScoringSettings
+from kdcache.teacher.base import ScoringSettings
 from kdcache.teacher.statistics import DRAW_SCHEMES
 
 WORKERS_DIR = "workers"
@@ -251,8 +251,8 @@ def _fit_to_teacher(cfg: GenerateConfig, teacher_path: Path, tokenizer) -> int:
     from kdcache.teacher.loading import context_error, context_length, read_config, vllm_path, vocab_rows_of
     from kdcache.teacher.sampling import vocab_rows_error
 
-    path = vllm_path(cfg.mode) if cfg.backend != "hf" else None
-    extra = 1 if (path == "vllm-prompt-logprobs" and cfg.mode == "score") else 0
+    path = vllm_path() if cfg.backend != "hf" else None
+    extra = 1 if path == "vllm-prompt-logprobs" else 0
     try:
         config = read_config(teacher_path)
     except KdcacheError:
@@ -435,10 +435,11 @@ class _Prefetch:
 class _Progress:
     """tqdm over rows with supervised tokens/s in the postfix (tqdm's ETA is by rows)."""
 
-    def __init__(self, total_rows: int, enabled: bool) -> None:
+    def __init__(self, total_rows: int, enabled: bool, label: str | None = None) -> None:
         from tqdm.auto import tqdm
 
-        self.bar = tqdm(total=total_rows, unit="row", disable=not enabled, dynamic_ncols=True, file=sys.stderr)
+        self.bar = tqdm(total=total_rows, unit="row", disable=not enabled, dynamic_ncols=True, file=sys.stderr,
+                        desc=label)
         self.tokens = 0
         self.start = time.perf_counter()
 
@@ -450,6 +451,79 @@ class _Progress:
 
     def close(self) -> None:
         self.bar.close()
+
+
+GENERATIONS_DIR = "generations"
+
+
+def responses_path(out: Path, index: int) -> Path:
+    """Where ``--mode generate`` keeps shard ``index``'s responses between its two phases."""
+    return out / GENERATIONS_DIR / f"part-{index:05d}.json"
+
+
+def generate_responses(cfg: GenerateConfig, out: Path, teacher, shards: Iterator[tuple[int, list, list[dict]]],
+                       todo_rows: int, extra_positions: int) -> str:
+    """Phase 1 of ``--mode generate``: the teacher writes a response for each prompt of the
+    shards still to do, with the sampling engine of ``kdcache rollout``
+    (:mod:`kdcache.rollout.engine`: vLLM's generation runner, or transformers), one file per
+    shard (``generations/part-NNNNN.json``, written atomically; a rerun keeps finished ones).
+    The engine is closed before phase 2 loads the scoring engine, so the two never share
+    memory. Phase 2 then scores prompt + response like any row (every cache mode, in vLLM's
+    engine), which gives the same statistics as recording them while sampling would.
+
+    Returns the engine that wrote the responses (``"vllm"`` or ``"hf"``), which every shard of
+    the cache must share (``scorer.json``).
+    """
+    from kdcache.rollout.engine import SamplingSettings, make_engine
+
+    sampling = SamplingSettings(1, cfg.temperature, cfg.top_p, cfg.max_new_tokens, cfg.seed, max_length=cfg.max_length)
+    engine = None
+    engine_name = None
+    progress = None
+    try:
+        for index, examples, skipped in shards:
+            path = responses_path(out, index)
+            if path.exists():
+                engine_name = engine_name or json.loads(path.read_text())["engine"]
+                continue
+            if engine is None:
+                options = {k: v for k, v in _engine_options(cfg, extra_positions).items() if v is not None}
+                engine = make_engine(cfg.backend, teacher, dtype=cfg.dtype, **options)
+                engine_name = engine.name
+                progress = _Progress(todo_rows, cfg.progress, "generating")
+            responses = {str(c.seq_id): c.response_ids.tolist() for c in engine.sample(examples, sampling)}
+            progress.update(len(examples) + len(skipped), sum(len(r) for r in responses.values()))
+            path.parent.mkdir(exist_ok=True)
+            write_json_atomic(path, {"engine": engine.name, "sampling": sampling.to_json(), "responses": responses})
+    finally:
+        if progress is not None:
+            progress.close()
+        if engine is not None:
+            engine.close()
+    return engine_name or "none"
+
+
+def load_responses(out: Path, index: int) -> dict[int, list[int]]:
+    path = responses_path(out, index)
+    try:
+        return {int(k): v for k, v in json.loads(path.read_text())["responses"].items()}
+    except (OSError, ValueError, KeyError) as exc:
+        raise KdcacheError(f"{path}: the responses of phase 1 are missing or damaged ({first_line(exc)}); delete it "
+                           "and rerun the same command to generate them again") from None
+
+
+def with_responses(prompts: list, responses: dict[int, list[int]]) -> list:
+    """Prompt examples + their responses -> examples whose response tokens are the targets."""
+    import numpy as np
+
+    from kdcache.data.example import TokenizedExample
+
+    out = []
+    for ex in prompts:
+        response = np.asarray(responses[ex.seq_id], dtype=np.int32)
+        ids = np.concatenate([ex.input_ids.astype(np.int32), response])
+        out.append(TokenizedExample(ex.seq_id, ex.source, ids, np.arange(ex.num_tokens, len(ids), dtype=np.int32)))
+    return out
 
 
 def generate_teacher_cache(cfg: GenerateConfig) -> dict | None:
@@ -498,7 +572,7 @@ def generate_teacher_cache(cfg: GenerateConfig) -> dict | None:
     backend = None
     scoring = ScoringSettings(top_k=cfg.top_k, num_samples=cfg.samples if cfg.sampling != "none" else 0, seed=cfg.seed,
                               sample_tail=cfg.sampling == "tail", draws=cfg.draws)
-    generation = GenerationSettings(cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.seed, max_length=cfg.max_length)
+
     def prepared_shards() -> Iterator[tuple[int, list, list[dict]]]:
         """``(shard_index, examples, skipped)`` for each shard this run must write."""
         for index, rows in _shards_of_rows(dataset.rows(), cfg.shard_size):
@@ -515,6 +589,9 @@ def generate_teacher_cache(cfg: GenerateConfig) -> dict | None:
                     examples.append(item)
             yield index, examples, skipped
 
+    generator = None
+    if cfg.mode == "generate":  # phase 1: the teacher writes the responses (its own engine, freed after)
+        generator = generate_responses(cfg, out, teacher, prepared_shards(), todo_rows, extra_positions)
     progress: _Progress | None = None
     shards = prepared_shards()
     writer: ThreadPoolExecutor | None = None
@@ -524,22 +601,25 @@ def generate_teacher_cache(cfg: GenerateConfig) -> dict | None:
         # and before any helper thread starts, since vLLM may fork its engine process.
         first = next(shards, None)
         if first is not None:
-            backend = make_backend(backend_name, teacher, dtype=cfg.dtype, full_rows=scoring.num_samples > 0, mode=cfg.mode,
+            backend = make_backend(backend_name, teacher, dtype=cfg.dtype, full_rows=scoring.num_samples > 0,
                                    **_engine_options(cfg, extra_positions))
             teacher_info["dtype_loaded"] = getattr(backend, "dtype", cfg.dtype)
             teacher_info["backend_used"] = backend.name
             teacher_info["scoring_path"] = backend.scoring_path
-            claim_scorer(out, {k: str(teacher_info[k]) for k in ("backend_used", "dtype_loaded", "scoring_path")})
+            scorer_keys = ("backend_used", "dtype_loaded", "scoring_path")
+            if generator is not None:
+                teacher_info["generation_engine"] = generator
+                scorer_keys += ("generation_engine",)
+            claim_scorer(out, {k: str(teacher_info[k]) for k in scorer_keys})
             # Rate and ETA count from here: the model's load is not scoring time.
             progress = _Progress(todo_rows, cfg.progress)
             if cfg.overlap:
                 shards = _Prefetch(shards)
                 writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kdcache-writer")
             for index, examples, skipped in itertools.chain([first], shards):
-                if cfg.mode == "generate":
-                    stream = backend.generate(examples, scoring, generation)
-                else:
-                    stream = backend.score(examples, scoring)
+                if cfg.mode == "generate":  # phase 2: score prompt + response, the response supervised
+                    examples = with_responses(examples, load_responses(out, index))
+                stream = backend.score(examples, scoring)
                 results = []
                 for ex, result in zip(examples, stream):
                     if (problem := scores_problem(result)) is not None:
@@ -568,6 +648,9 @@ def generate_teacher_cache(cfg: GenerateConfig) -> dict | None:
         if backend is not None:
             backend.close()
 
+    if cfg.mode == "generate":  # every shard of this worker is recorded: its responses are in the shards
+        for index in mine:
+            responses_path(out, index).unlink(missing_ok=True)
     (out / WORKERS_DIR).mkdir(exist_ok=True)
     write_json_atomic(
         out / WORKERS_DIR / f"worker-{cfg.worker_index}-of-{cfg.num_workers}.json",

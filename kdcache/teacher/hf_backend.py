@@ -14,12 +14,11 @@ import logging
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
-import numpy as np
 
 from kdcache.cache.records import TeacherScores
 from kdcache.data.example import TokenizedExample
 from kdcache.errors import KdcacheError, first_line
-from kdcache.teacher.base import GenerationSettings, ScoringSettings, TeacherBackend
+from kdcache.teacher.base import ScoringSettings, TeacherBackend
 from kdcache.teacher.loading import ResolvedTeacher, resolve_dtype, resolve_local, teacher_description
 from kdcache.teacher.sampling import validate_request
 from kdcache.teacher.statistics import (
@@ -143,46 +142,6 @@ class HFBackend(TeacherBackend):
         for i in range(len(examples)):
             yield results[i]
 
-    def generate(
-        self, examples: Sequence[TokenizedExample], settings: ScoringSettings, gen: GenerationSettings
-    ) -> Iterator[TeacherScores]:
-        """One ``model.generate`` per example, seeded with ``gen.seed + seq_id`` (through
-        ``torch.manual_seed``, i.e. torch's global generator); the statistics come from the
-        raw logits of each step (``output_logits``: ``model.forward``'s own, temperature 1,
-        before top-p), over the tokenizer's vocabulary."""
-        import torch
-        from transformers import GenerationConfig
-
-        validate_request(examples, settings, self.vocab_size, self.model_vocab_rows)
-        spec = self._spec(settings)
-        for ex in examples:
-            sampling = gen.temperature > 0
-            config = GenerationConfig(
-                max_new_tokens=max(1, gen.budget(ex.num_tokens)),
-                do_sample=sampling,
-                temperature=gen.temperature if sampling else None,
-                top_p=gen.top_p if sampling else None,
-                top_k=0 if sampling else None,
-                eos_token_id=_eos_ids(self.tokenizer, self.model),
-                pad_token_id=self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None
-                else self.tokenizer.eos_token_id,
-                suppress_tokens=list(range(self.vocab_size, self.model_vocab_rows)) or None,
-                output_logits=True,
-                return_dict_in_generate=True,
-            )
-            torch.manual_seed(gen.seed + ex.seq_id)
-            prompt = torch.as_tensor(ex.input_ids, dtype=torch.long, device=self.device)[None]
-            with torch.inference_mode():
-                out = self.model.generate(prompt, attention_mask=torch.ones_like(prompt), generation_config=config)
-                gen_ids = out.sequences[0, prompt.shape[1]:]
-                raw = torch.cat([step[:1] for step in out.logits], dim=0)  # [G, rows]
-                positions = torch.arange(ex.num_tokens, ex.num_tokens + gen_ids.shape[0], device=self.device)
-                block = statistics_in_chunks(lambda rows: rows, raw, gen_ids, torch.full_like(positions, ex.seq_id),
-                                             positions, spec, self.rows_per_chunk)
-            input_ids = out.sequences[0].cpu().numpy().astype(np.int32)
-            yield scores_from_statistics(ex.seq_id, ex.source, input_ids, positions.cpu().numpy(), block.cpu().numpy(),
-                                         spec)
-
     def close(self) -> None:
         """Drop the model (and the CUDA cache, on a GPU)."""
         import gc
@@ -240,12 +199,3 @@ class HFBackend(TeacherBackend):
                                                     block[start:stop], spec)))
             start = stop
         return out
-
-
-def _eos_ids(tokenizer: Any, model: Any) -> list[int] | None:
-    ids = set()
-    if tokenizer.eos_token_id is not None:
-        ids.add(int(tokenizer.eos_token_id))
-    eos = getattr(model.generation_config, "eos_token_id", None)
-    ids.update([eos] if isinstance(eos, int) else (eos or []))
-    return sorted(ids) or None

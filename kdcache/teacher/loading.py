@@ -280,10 +280,9 @@ def vocab_rows_of(config: dict) -> int | None:
     return int(rows) if isinstance(rows, int) else None
 
 
-def vllm_path(mode: str = "score") -> str | None:
-    """Which vLLM path a run would take: ``"vllm-statistics-pooler"`` (vLLM in the tested
-    range, scoring), ``"vllm-prompt-logprobs"`` (vLLM outside that range, or ``--mode
-    generate``), or None (vLLM not importable)."""
+def vllm_path() -> str | None:
+    """Which vLLM path scoring would take: ``"vllm-statistics-pooler"`` (vLLM in the tested
+    range), ``"vllm-prompt-logprobs"`` (vLLM outside it), or None (vLLM not importable)."""
     import importlib.util
 
     if importlib.util.find_spec("vllm") is None:
@@ -292,7 +291,7 @@ def vllm_path(mode: str = "score") -> str | None:
 
     from kdcache.teacher.vllm_engine import in_tested_range
 
-    if mode == "generate" or not in_tested_range(vllm.__version__):
+    if not in_tested_range(vllm.__version__):
         return "vllm-prompt-logprobs"
     return "vllm-statistics-pooler"
 
@@ -308,7 +307,7 @@ def auto_prefers_hf(full_rows: bool, quantization: str | None, engine_options: d
 
 def make_backend(
     name: str, teacher_dir: ResolvedTeacher | str | Path, dtype: str = "auto", *, full_rows: bool = False,
-    mode: str = "score", **engine_options: Any,
+    **engine_options: Any,
 ) -> TeacherBackend:
     """Build a teacher backend.
 
@@ -322,7 +321,6 @@ def make_backend(
             (vLLM outside the tested range) the draws need whole vocabulary rows on the host
             (a few hundred tokens/s, ``benchmarks/bench_full_rows.py``), so ``"auto"`` then
             picks transformers unless the teacher needs vLLM.
-        mode: ``"score"`` or ``"generate"``.
         engine_options: vLLM engine options (``quantization``, ``tensor_parallel_size``,
             ``gpu_memory_utilization``, ``max_num_batched_tokens``, ``max_model_len``,
             ``enforce_eager``, ...); options the HF backend does not know are dropped for it.
@@ -330,12 +328,12 @@ def make_backend(
     teacher = teacher_dir if isinstance(teacher_dir, ResolvedTeacher) else resolve_local(teacher_dir)
     if name not in ("vllm", "hf", "auto"):
         raise KdcacheError(f"unknown teacher backend '{name}' (use vllm, hf or auto)")
-    path = vllm_path(mode) if name != "hf" else None
+    path = vllm_path() if name != "hf" else None
     if name == "vllm" and path is None:
         raise KdcacheError("backend 'vllm' needs vLLM installed (pip install -e '.[vllm]')")
     if name == "auto" and path is None:
         logger.warning("vLLM is not installed; using the transformers backend")
-    if path == "vllm-prompt-logprobs" and mode == "score":
+    if path == "vllm-prompt-logprobs":
         import vllm
 
         from kdcache.teacher.vllm_engine import tested_range_text

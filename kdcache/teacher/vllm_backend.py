@@ -35,7 +35,7 @@ import numpy as np
 from kdcache.cache.records import TeacherScores
 from kdcache.data.example import TokenizedExample
 from kdcache.errors import KdcacheError, first_line
-from kdcache.teacher.base import GenerationSettings, ScoringSettings
+from kdcache.teacher.base import ScoringSettings
 from kdcache.teacher.loading import ResolvedTeacher, resolve_dtype, resolve_local
 from kdcache.teacher.sampling import validate_request
 from kdcache.teacher.statistics import scores_from_statistics, spec_for, target_spans
@@ -154,10 +154,6 @@ class VLLMBackend(VLLMEngineBackend):
         for ex, out in zip(examples, outs):
             yield scores_from_statistics(ex.seq_id, ex.source, ex.input_ids, ex.target_positions,
                                          out.outputs.data.numpy(), spec)
-
-    def generate(self, examples: Sequence[TokenizedExample], settings: ScoringSettings,
-                 gen: GenerationSettings) -> Iterator[TeacherScores]:
-        raise KdcacheError("the statistics engine scores given text; --mode generate runs on the generation engine")
 
     # ------------------------------------------------------------ internals
 

@@ -62,15 +62,19 @@ def config_vocab_rows(model_dir: Path) -> int | None:
 
 
 def eos_ids(tokenizer: Any, model_dir: Path) -> list[int]:
-    """EOS ids from the tokenizer and ``generation_config.json`` (the engine has no tokenizer)."""
+    """EOS ids from the tokenizer and ``generation_config.json`` (ids < ``len(tokenizer)``;
+    the engines run without a tokenizer, so they are passed as stop ids)."""
     ids = set()
     if tokenizer.eos_token_id is not None:
         ids.add(int(tokenizer.eos_token_id))
     gen_path = Path(model_dir) / "generation_config.json"
     if gen_path.exists():
-        eos = json.loads(gen_path.read_text()).get("eos_token_id")
+        try:
+            eos = json.loads(gen_path.read_text()).get("eos_token_id")
+        except ValueError:
+            raise KdcacheError(f"{gen_path}: invalid JSON; fix or delete the file") from None
         ids.update([eos] if isinstance(eos, int) else (eos or []))
-    return sorted(i for i in ids if i < len(tokenizer))
+    return sorted(int(i) for i in ids if 0 <= int(i) < len(tokenizer))
 
 
 def engine_options(

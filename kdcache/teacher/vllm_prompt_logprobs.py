@@ -1,8 +1,7 @@
 """Teacher scoring through vLLM's prompt log-probabilities: the fallback path.
 
 Used when the installed vLLM is outside the range the in-engine statistics path
-(:mod:`kdcache.teacher.vllm_backend`) is tested on, and for ``--mode generate``'s teacher
-engine. Costs: the tail log-mass is ``log(1 - sum(top-k))`` from float32 log-probs (about
+(:mod:`kdcache.teacher.vllm_backend`) is tested on. Costs: the tail log-mass is ``log(1 - sum(top-k))`` from float32 log-probs (about
 2.6e-3 nats off when the tail is near 2e-5), and runs that draw tokens need whole vocabulary
 rows on the host (``benchmarks/bench_full_rows.py``: 749 tokens/s per core for a 49k
 vocabulary, 241 for 152k), which are then turned into statistics by the same
@@ -25,8 +24,7 @@ How the engine is driven:
   ``LogprobsProcessor._update_prompt_logprobs`` is swapped for one that keeps the arrays it
   receives (:func:`_prompt_logprobs_as_arrays`) instead of one Python object per entry.
 * Prompt log-probs ignore temperature and are never served from the prefix cache, so prefix
-  caching is disabled. The engine's ``logprobs_mode`` is pinned to ``raw_logprobs``, so
-  ``generate()`` records untempered, unfiltered log-probs of the generated tokens.
+  caching is disabled.
 * A scoring request also emits one token, so a sequence of ``L`` tokens needs ``L + 1``
   positions of context.
 """
@@ -43,11 +41,11 @@ import numpy as np
 from kdcache.cache.records import TeacherScores, tail_logmass_from_topk
 from kdcache.data.example import TokenizedExample
 from kdcache.errors import KdcacheError, first_line
-from kdcache.teacher.base import GenerationSettings, ScoringSettings
+from kdcache.teacher.base import ScoringSettings
 from kdcache.teacher.loading import ResolvedTeacher, resolve_dtype, resolve_local
 from kdcache.teacher.sampling import select_real_topk, validate_request
 from kdcache.teacher.statistics import position_statistics, scores_from_statistics, spec_for
-from kdcache.teacher.vllm_engine import EngineUnusable, VLLMEngineBackend, config_vocab_rows, engine_options, eos_ids
+from kdcache.teacher.vllm_engine import EngineUnusable, VLLMEngineBackend, config_vocab_rows, engine_options
 
 logger = logging.getLogger("kdcache")
 
@@ -131,9 +129,6 @@ class VLLMPromptLogprobsBackend(VLLMEngineBackend):
         self.max_model_len = int(self._llm.llm_engine.model_config.max_model_len)
         self.num_padded = max(0, self.model_vocab_rows - self.vocab_size)
         self._warned_full_rows = False
-        self.eos_ids = eos_ids(self.tokenizer, self.teacher.path)
-        # Generation never samples a padded row, so no padded id can enter input_ids.
-        self._allowed_ids = list(range(self.vocab_size)) if self.num_padded else None
         self._started()
         self._probe()
 
@@ -171,67 +166,6 @@ class VLLMPromptLogprobsBackend(VLLMEngineBackend):
                 for i, out in zip(retry, again):
                     results[i] = self._topk_scores(group[i], out.prompt_logprobs, k)
             yield from results  # type: ignore[misc]
-
-    def generate(
-        self, examples: Sequence[TokenizedExample], settings: ScoringSettings, gen: GenerationSettings
-    ) -> Iterator[TeacherScores]:
-        """The teacher continues each prompt; generated tokens become the targets.
-
-        Request ``i`` samples with seed ``gen.seed + seq_id`` (batching-independent).
-        Recorded log-probs are raw (temperature 1, before top-p), over all logit rows.
-        """
-        from vllm import SamplingParams
-        from vllm.inputs import TokensPrompt
-
-        validate_request(examples, settings, self.vocab_size)
-        full = settings.num_samples > 0
-        if full:
-            self._warn_full_rows()
-        k = settings.top_k
-        requested = -1 if full else (k + self.num_padded if k else 0)
-        params = []
-        for ex in examples:
-            if ex.num_tokens + 1 > self.max_model_len:
-                raise KdcacheError(f"{ex.source}: prompt of {ex.num_tokens} tokens leaves no room to generate "
-                                   f"(max_model_len {self.max_model_len})")
-            params.append(
-                SamplingParams(
-                    temperature=gen.temperature,
-                    top_p=gen.top_p,
-                    max_tokens=max(1, min(gen.budget(ex.num_tokens), self.max_model_len - ex.num_tokens)),
-                    seed=gen.seed + ex.seq_id,
-                    logprobs=requested,
-                    flat_logprobs=True,
-                    detokenize=False,
-                    stop_token_ids=self.eos_ids,
-                    allowed_token_ids=self._allowed_ids,
-                )
-            )
-        width = self.model_vocab_rows + 1 if full else requested + 1
-        starts = _group_starts([gen.max_new_tokens] * len(examples), width, self.max_logprob_entries)
-        for lo, hi in zip(starts, starts[1:]):
-            prompts = [TokensPrompt(prompt_token_ids=ex.input_ids.tolist()) for ex in examples[lo:hi]]
-            outs = self._llm.generate(prompts, params[lo:hi], use_tqdm=False)
-            yield from self._generated_scores(examples[lo:hi], outs, settings)
-
-    def _generated_scores(self, examples: Sequence[TokenizedExample], outs: list,
-                          settings: ScoringSettings) -> Iterator[TeacherScores]:
-        """``TeacherScores`` of prompt + completion, the generated tokens being the targets."""
-        full = settings.num_samples > 0
-        k = settings.top_k
-        for ex, out in zip(examples, outs):
-            completion = out.outputs[0]
-            gen_ids = np.asarray(completion.token_ids, dtype=np.int32)
-            ids, lps = _flat_rows(completion.logprobs, len(gen_ids), first_position=0)
-            input_ids = np.concatenate([ex.input_ids.astype(np.int32), gen_ids])
-            positions = np.arange(ex.num_tokens, ex.num_tokens + len(gen_ids), dtype=np.int32)
-            rows = np.arange(len(gen_ids))
-            if full:
-                yield self._scores_from_dense(ex, input_ids, positions, ids, lps, rows, settings)
-            else:
-                yield self._assemble(ex, input_ids, positions, ids[:, 0], ids[:, 1:], lps[:, 0], lps[:, 1:], k)
-
-    # ------------------------------------------------------------ internals
 
     def _probe(self) -> None:
         """Score two tokens once: some builds start an engine whose first forward fails (vLLM
