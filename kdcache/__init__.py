@@ -5,4 +5,4 @@ teacher's sparse next-token distributions into Parquet shards (`kdcache.cache`).
 Stage two (`kdcache.student`) trains a student against those shards.
 """
 
-__version__ = "0.5.1"
+__version__ = "0.6.0"
