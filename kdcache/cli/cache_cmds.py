@@ -8,10 +8,11 @@ import sys
 import click
 
 from kdcache.cache.stats import format_summary, summarize, verify_cache
+from kdcache.cli.types import CACHE
 
 
 @click.command()
-@click.argument("cache_dir", type=click.Path(file_okay=False))
+@click.argument("cache_dir", type=CACHE)
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 def inspect(cache_dir: str, as_json: bool) -> None:
     """Summarize a cache: sequences, supervised tokens, bytes per token, top-k mass, shards."""
@@ -20,7 +21,7 @@ def inspect(cache_dir: str, as_json: bool) -> None:
 
 
 @click.command()
-@click.argument("cache_dir", type=click.Path(file_okay=False))
+@click.argument("cache_dir", type=CACHE)
 def verify(cache_dir: str) -> None:
     """Check every shard's checksum, schema and counts against the manifest.
 
