@@ -9,7 +9,9 @@ at most ``1 + read_ahead`` shards' bytes are in memory.
 from __future__ import annotations
 
 import base64
+import collections
 import hashlib
+import itertools
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -170,12 +172,12 @@ def _iter_file(pf: pq.ParquetFile, id_table: np.ndarray, top_k: int, path: Path 
         raise KdcacheError(f"{path}: damaged shard ({first_line(exc)}); run `kdcache verify`") from exc
 
 
-def missing_shard_error(where: Path | str) -> KdcacheError:
+def _missing_shard_error(where: Path | str) -> KdcacheError:
     return KdcacheError(f"{where}: shard listed in the manifest is missing; copy it again, or rerun the same "
                         "generate-teacher command to rescore it")
 
 
-def size_error(where: Path | str, size: int, expected: int) -> KdcacheError:
+def _size_error(where: Path | str, size: int, expected: int) -> KdcacheError:
     return KdcacheError(f"{where}: size {size} differs from the manifest's {expected} (damaged or truncated copy); "
                         f"{REPAIR_HINT}")
 
@@ -186,9 +188,9 @@ def fetch_shard(store: Store, shard: dict) -> pa.Buffer:
     try:
         data = pa.py_buffer(store.read_bytes(shard["file"]))
     except FileNotFoundError:
-        raise missing_shard_error(where) from None
+        raise _missing_shard_error(where) from None
     if data.size != shard["bytes"]:
-        raise size_error(where, data.size, shard["bytes"])
+        raise _size_error(where, data.size, shard["bytes"])
     if hashlib.sha256(data).hexdigest() != shard["sha256"]:
         raise KdcacheError(
             f"{where}: checksum differs from the manifest (damaged or changed since generate-teacher); {REPAIR_HINT}"
@@ -210,20 +212,20 @@ class _ReadAhead:
         self._depth = depth
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kdcache-read-ahead")
         self._lock = threading.Lock()
-        self._upcoming: list[str] = []
+        self._upcoming: collections.deque[str] = collections.deque()
         self._inflight: dict[str, Future] = {}
 
     def planned(self, keys: list[str]) -> bool:
         """Whether the plan starts with ``keys``."""
-        return self._upcoming[: len(keys)] == keys
+        return list(itertools.islice(self._upcoming, len(keys))) == keys
 
     def plan(self, keys: Sequence[str]) -> None:
         with self._lock:
-            self._upcoming = list(keys)
+            self._upcoming = collections.deque(keys)
             self._fill()
 
     def _fill(self) -> None:
-        wanted = self._upcoming[: self._depth]
+        wanted = list(itertools.islice(self._upcoming, self._depth))
         for key in [k for k in self._inflight if k not in wanted]:
             self._inflight.pop(key).cancel()  # a finished one is dropped with its bytes
         for key in wanted:
@@ -232,15 +234,16 @@ class _ReadAhead:
 
     def get(self, key: str) -> pa.Buffer:
         with self._lock:
-            if key in self._upcoming:
-                self._upcoming = self._upcoming[self._upcoming.index(key) + 1 :]
+            if key in itertools.islice(self._upcoming, self._depth + 1):  # the head, unless reads went off plan
+                while self._upcoming.popleft() != key:
+                    pass
             future = self._inflight.pop(key, None)
             self._fill()
         return future.result() if future is not None else self._fetch(key)
 
     def close(self) -> None:
         with self._lock:
-            self._upcoming = []
+            self._upcoming.clear()
             self._fill()
         self._pool.shutdown(wait=False, cancel_futures=True)
 
@@ -290,9 +293,9 @@ class CacheReader:
         path = self.shard_path(shard)
         if self.store.is_local:
             if not path.exists():
-                raise missing_shard_error(path)
+                raise _missing_shard_error(path)
             if path.stat().st_size != shard["bytes"]:
-                raise size_error(path, path.stat().st_size, shard["bytes"])
+                raise _size_error(path, path.stat().st_size, shard["bytes"])
             check_shard_checksum(path, shard["sha256"])
             source = path
         elif self._ahead is not None:

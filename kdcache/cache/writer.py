@@ -366,3 +366,14 @@ def load_shard_record(out_dir: str | Path | Store, index: int) -> ShardRecord | 
     if store.size(record.file) != record.bytes:
         return None
     return record
+
+
+def finished_shards(out_dir: str | Path | Store, indices: Sequence[int]) -> set[int]:
+    """The shards among ``indices`` that are finished (see :func:`load_shard_record`).
+
+    One listing of ``shards/`` first, so a fresh run on an object store costs one request
+    instead of two per shard."""
+    store = open_store(out_dir)
+    names = set(store.list(fmt.SHARD_DIR))
+    return {i for i in indices
+            if fmt.SHARD_RECORD_PATTERN.format(index=i) in names and load_shard_record(store, i) is not None}

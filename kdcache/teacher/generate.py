@@ -32,7 +32,7 @@ from kdcache.cache import format as fmt
 from kdcache.cache.manifest import validate_manifest, write_json_atomic  # noqa: F401 - re-exported
 from kdcache.cache.quantize import MAX_ABS_ERROR_COARSE, MAX_ABS_ERROR_FINE
 from kdcache.cache.storage import Store, open_store
-from kdcache.cache.writer import ShardRecord, load_shard_record, write_shard
+from kdcache.cache.writer import ShardRecord, finished_shards, load_shard_record, write_shard
 from kdcache.config import changed_keys
 from kdcache.errors import KdcacheError, first_line
 from kdcache.teacher.launcher import resolve_workers
@@ -321,6 +321,9 @@ def finalize(out: str | Path | Store) -> dict | None:
     total_rows = done[0]["dataset_rows"]
     settings = run["settings"]
     n_shards = math.ceil(total_rows / settings["shard_size"])
+    listed = set(out.list(fmt.SHARD_DIR))
+    if any(fmt.SHARD_RECORD_PATTERN.format(index=i) not in listed for i in range(n_shards)):
+        return None  # one listing tells a worker that is not the last
     records: list[ShardRecord] = []
     for index in range(n_shards):
         record = load_shard_record(out, index)
@@ -511,7 +514,7 @@ def generate_teacher_cache(cfg: GenerateConfig) -> dict | None:
         total_rows = sum(1 for _ in dataset.rows())
     n_shards = math.ceil(total_rows / cfg.shard_size)
     mine = [i for i in range(n_shards) if i % cfg.num_workers == cfg.worker_index]
-    todo = {i for i in mine if load_shard_record(out, i) is None}
+    todo = set(mine) - finished_shards(out, mine)
     todo_rows = sum(min(cfg.shard_size, total_rows - i * cfg.shard_size) for i in todo)
 
     backend = None
