@@ -16,7 +16,6 @@ import sys
 import time
 import urllib.request
 import uuid
-from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
