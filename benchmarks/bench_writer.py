@@ -75,7 +75,8 @@ def main() -> None:
     import hashlib
     from pathlib import Path
 
-    from kdcache.cache.writer import _fsync_write, build_shard_table, encode_parquet
+    from kdcache.cache.storage import _fsync_write
+    from kdcache.cache.writer import build_shard_table, encode_parquet
 
     table, meta, _ = build_shard_table(results, args.top_k)
 

@@ -181,13 +181,13 @@ def test_shard_write_is_atomic_and_unfinished_shards_are_invisible(tmp_path):
 def test_full_disk_gives_one_line_error(tmp_path, monkeypatch):
     import errno
 
-    from kdcache.cache import writer
+    from kdcache.cache import storage
 
     def half_then_no_space(path, data):  # the disk fills up in the middle of the shard
         Path(path).write_bytes(bytes(data[: len(data) // 2]))
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(writer, "_fsync_write", half_then_no_space)
+    monkeypatch.setattr(storage, "_fsync_write", half_then_no_space)
     rng = np.random.default_rng(2)
     with pytest.raises(KdcacheError, match="disk full.*rerun the same command"):
         write_shard(tmp_path, 0, [_random_scores(rng, 0, 50, 4)], top_k=4)

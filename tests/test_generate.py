@@ -299,7 +299,7 @@ def test_overlapped_writes_match_serial_and_stop_on_a_failed_write(tiny_llama, t
     later shard stops the run with its one-line error, keeping the shards finished before it."""
     import errno
 
-    from kdcache.cache import writer
+    from kdcache.cache import storage
 
     rows = [{"text": CORPUS[i % 6] + f" Row {i}."} for i in range(14)]
     data = _write_jsonl(tmp_path / "text.jsonl", rows)
@@ -312,20 +312,20 @@ def test_overlapped_writes_match_serial_and_stop_on_a_failed_write(tiny_llama, t
     generate_teacher_cache(_cfg(tiny_llama, data, tmp_path / "overlapped"))
     assert shard_hashes(tmp_path / "overlapped") == shard_hashes(tmp_path / "serial")
 
-    real_write = writer._fsync_write
+    real_write = storage._fsync_write
 
     def no_space_for_shard_2(path, payload):
         if "part-00002.parquet" in Path(path).name:
             raise OSError(errno.ENOSPC, "No space left on device")
         real_write(path, payload)
 
-    monkeypatch.setattr(writer, "_fsync_write", no_space_for_shard_2)
+    monkeypatch.setattr(storage, "_fsync_write", no_space_for_shard_2)
     out = tmp_path / "full"
     with pytest.raises(KdcacheError, match="part-00002.parquet: disk full"):
         generate_teacher_cache(_cfg(tiny_llama, data, out))
     assert sorted(p.name for p in (out / "shards").glob("part-*.json")) == ["part-00000.json", "part-00001.json"]
     assert not (out / "manifest.json").exists() and not list((out / "shards").glob(".*tmp*"))
-    monkeypatch.setattr(writer, "_fsync_write", real_write)
+    monkeypatch.setattr(storage, "_fsync_write", real_write)
     generate_teacher_cache(_cfg(tiny_llama, data, out))  # rerun after freeing space: completes
     assert shard_hashes(out) == shard_hashes(tmp_path / "serial")
 

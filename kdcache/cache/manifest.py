@@ -7,12 +7,12 @@ finished; a directory without it is an unfinished run that ``generate-teacher`` 
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import jsonschema
 
 from kdcache.cache import format as fmt
+from kdcache.cache.storage import LocalStore, ObjectStore, Store, open_store
 from kdcache.errors import KdcacheError
 
 _SHARD = {
@@ -145,19 +145,28 @@ def validate_manifest(manifest: dict, path: Path) -> None:
         raise KdcacheError(f"{path}: invalid manifest at {where}: {exc.message}") from None
 
 
-def load_manifest(cache_dir: str | Path) -> dict:
-    """Read and validate ``cache_dir/manifest.json``; one-line KdcacheError if unusable."""
-    cache_dir = Path(cache_dir)
-    path = cache_dir / fmt.MANIFEST_NAME
-    if not cache_dir.is_dir():
-        raise KdcacheError(f"{cache_dir}: no such cache directory")
-    if not path.exists():
-        hint = "the run is unfinished: rerun the same generate-teacher command to complete it"
-        if not (cache_dir / fmt.RUN_NAME).exists():
-            hint = "not a kdcache directory (no manifest.json or run.json)"
-        raise KdcacheError(f"{path}: missing; {hint}")
+def load_manifest(cache_dir: str | Path | Store) -> dict:
+    """Read and validate ``cache_dir/manifest.json`` (a directory or a store URL); one-line
+    KdcacheError if unusable."""
+    store = open_store(cache_dir)
+    path = store.where(fmt.MANIFEST_NAME)
     try:
-        manifest = json.loads(path.read_text())
+        raw = store.read_bytes(fmt.MANIFEST_NAME)
+    except FileNotFoundError:
+        if not store.exists():
+            if isinstance(store, ObjectStore):
+                store.check_bucket()
+            raise KdcacheError(f"{store.where()}: no such cache directory") from None
+        hint = "the run is unfinished: rerun the same generate-teacher command to complete it"
+        if not store.exists(fmt.RUN_NAME):
+            hint = "not a kdcache directory (no manifest.json or run.json)"
+        raise KdcacheError(f"{path}: missing; {hint}") from None
+    except IsADirectoryError:
+        raise KdcacheError(f"{path}: is a directory; not a kdcache cache") from None
+    except NotADirectoryError:
+        raise KdcacheError(f"{store.where()}: no such cache directory") from None
+    try:
+        manifest = json.loads(bytes(raw))
     except ValueError as exc:
         raise KdcacheError(f"{path}: invalid JSON ({exc}); rerun generate-teacher to rewrite it") from exc
     validate_manifest(manifest, path)
@@ -183,14 +192,5 @@ def sampling_draws(manifest: dict) -> str:
 
 def write_json_atomic(path: Path, payload: dict) -> None:
     """Write JSON to a temp file, fsync, rename; on failure (e.g. disk full) nothing is left."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "w") as handle:
-            json.dump(payload, handle, indent=2)
-            handle.write("\n")
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except OSError:
-        tmp.unlink(missing_ok=True)
-        raise
+    path = Path(path)
+    LocalStore(path.parent).write_json(path.name, payload)

@@ -1,12 +1,24 @@
-"""Stream a finished cache: manifest check, then shards one record batch at a time."""
+"""Stream a finished cache: manifest check, then shards one record batch at a time.
+
+A cache in a local directory is read from disk as it is decoded. From an object store each
+shard is fetched whole (one GET; its sha256 checked), and the next shards' bytes are fetched in
+a background thread while one is decoded and trained on (:meth:`CacheReader.read_ahead`), so
+at most ``1 + read_ahead`` shards' bytes are in memory.
+"""
 
 from __future__ import annotations
 
 import base64
+import collections
+import hashlib
+import itertools
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import zstandard
 
@@ -14,6 +26,7 @@ from kdcache.cache import format as fmt
 from kdcache.cache.manifest import load_manifest, sampling_mode
 from kdcache.cache.quantize import dequantize_logprobs
 from kdcache.cache.records import TeacherScores
+from kdcache.cache.storage import Store, open_store
 from kdcache.errors import KdcacheError, first_line
 
 
@@ -27,7 +40,7 @@ def decode_id_table(blob: bytes) -> np.ndarray:
 REPAIR_HINT = "copy the shard again, or delete it and rerun the same generate-teacher command to rescore it"
 
 
-def _check_shard_meta(path: Path, meta: dict[bytes, bytes] | None) -> None:
+def _check_shard_meta(path: Path | str, meta: dict[bytes, bytes] | None) -> None:
     if not meta or fmt.META_VERSION not in meta:
         raise KdcacheError(f"{path}: not a kdcache shard (no format version in its footer)")
     try:
@@ -38,7 +51,7 @@ def _check_shard_meta(path: Path, meta: dict[bytes, bytes] | None) -> None:
         raise fmt.version_error(path, version)
 
 
-def _footer_id_table(path: Path, meta: dict[bytes, bytes]) -> np.ndarray:
+def _footer_id_table(path: Path | str, meta: dict[bytes, bytes]) -> np.ndarray:
     try:
         return decode_id_table(meta[fmt.META_ID_TABLE])
     except Exception as exc:  # KeyError, base64/zstd errors, bad shapes: all mean a damaged footer
@@ -156,7 +169,7 @@ def decode_batch(batch, id_table: np.ndarray, top_k: int) -> Iterator[TeacherSco
         yield result
 
 
-def _iter_file(pf: pq.ParquetFile, id_table: np.ndarray, top_k: int, path: Path, batch_rows: int) -> Iterator[TeacherScores]:
+def _iter_file(pf: pq.ParquetFile, id_table: np.ndarray, top_k: int, path: Path | str, batch_rows: int) -> Iterator[TeacherScores]:
     try:
         for batch in pf.iter_batches(batch_size=batch_rows):
             yield from decode_batch(batch, id_table, top_k)
@@ -166,41 +179,138 @@ def _iter_file(pf: pq.ParquetFile, id_table: np.ndarray, top_k: int, path: Path,
         raise KdcacheError(f"{path}: damaged shard ({first_line(exc)}); run `kdcache verify`") from exc
 
 
+def _missing_shard_error(where: Path | str) -> KdcacheError:
+    return KdcacheError(f"{where}: shard listed in the manifest is missing; copy it again, or rerun the same "
+                        "generate-teacher command to rescore it")
+
+
+def _size_error(where: Path | str, size: int, expected: int) -> KdcacheError:
+    return KdcacheError(f"{where}: size {size} differs from the manifest's {expected} (damaged or truncated copy); "
+                        f"{REPAIR_HINT}")
+
+
+def fetch_shard(store: Store, shard: dict) -> pa.Buffer:
+    """A shard's bytes from an object store, checked against the manifest (size and sha256)."""
+    where = store.where(shard["file"])
+    try:
+        data = pa.py_buffer(store.read_bytes(shard["file"]))
+    except FileNotFoundError:
+        raise _missing_shard_error(where) from None
+    if data.size != shard["bytes"]:
+        raise _size_error(where, data.size, shard["bytes"])
+    if hashlib.sha256(data).hexdigest() != shard["sha256"]:
+        raise KdcacheError(
+            f"{where}: checksum differs from the manifest (damaged or changed since generate-teacher); {REPAIR_HINT}"
+        )
+    return data
+
+
+class _ReadAhead:
+    """Fetch objects in one background thread, ``depth`` objects ahead of the reader.
+
+    ``plan(keys)`` says which objects will be read next, in order; ``get(key)`` returns an
+    object's bytes (fetched ahead if it was planned, else now) and starts the next planned
+    fetch. A fetch that fails raises in ``get`` of that object, where reading without
+    read-ahead would.
+    """
+
+    def __init__(self, fetch: Callable[[str], pa.Buffer], depth: int) -> None:
+        self._fetch = fetch
+        self._depth = depth
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kdcache-read-ahead")
+        self._lock = threading.Lock()
+        self._upcoming: collections.deque[str] = collections.deque()
+        self._inflight: dict[str, Future] = {}
+
+    def planned(self, keys: list[str]) -> bool:
+        """Whether the plan starts with ``keys``."""
+        return list(itertools.islice(self._upcoming, len(keys))) == keys
+
+    def plan(self, keys: Sequence[str]) -> None:
+        with self._lock:
+            self._upcoming = collections.deque(keys)
+            self._fill()
+
+    def _fill(self) -> None:
+        wanted = list(itertools.islice(self._upcoming, self._depth))
+        for key in [k for k in self._inflight if k not in wanted]:
+            self._inflight.pop(key).cancel()  # a finished one is dropped with its bytes
+        for key in wanted:
+            if key not in self._inflight:
+                self._inflight[key] = self._pool.submit(self._fetch, key)
+
+    def get(self, key: str) -> pa.Buffer:
+        with self._lock:
+            if key in itertools.islice(self._upcoming, self._depth + 1):  # the head, unless reads went off plan
+                while self._upcoming.popleft() != key:
+                    pass
+            future = self._inflight.pop(key, None)
+            self._fill()
+        return future.result() if future is not None else self._fetch(key)
+
+    def close(self) -> None:
+        with self._lock:
+            self._upcoming.clear()
+            self._fill()
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+
 class CacheReader:
-    """Read a finished cache directory without loading it into RAM.
+    """Read a finished cache (a local directory or a store URL) without loading it into RAM.
 
     ``CacheReader(path).iter_sequences()`` yields :class:`TeacherScores` shard by shard,
     ``batch_rows`` Parquet rows at a time. The manifest is validated on open; shards are
-    checked against it (size, format version) as they are opened.
+    checked against it (size, sha256, format version) as they are opened.
+
+    Args:
+        path: cache directory, ``s3://bucket/prefix``, ``gs://...`` or another fsspec URL.
+        read_ahead: shards of an object-store cache fetched in the background ahead of
+            the one being read (the order comes from :meth:`iter_sequences`, or from
+            :meth:`read_ahead` for the shards after it); each costs one shard's bytes of RAM.
     """
 
-    def __init__(self, path: str | Path) -> None:
-        self.path = Path(path)
-        self.manifest = load_manifest(self.path)
+    def __init__(self, path: str | Path | Store, read_ahead: int = 1) -> None:
+        self.store = open_store(path)
+        self.path = self.store.path() if self.store.is_local else self.store.where()
+        self.manifest = load_manifest(self.store)
         self.top_k = int(self.manifest["top_k"])
         self.num_samples = int(self.manifest["sampling"]["num_samples"])
         self.sampling_mode = sampling_mode(self.manifest)
+        self._ahead = None
+        if not self.store.is_local and read_ahead > 0:
+            by_file = {shard["file"]: shard for shard in self.shards}
+            self._ahead = _ReadAhead(lambda file: fetch_shard(self.store, by_file[file]), read_ahead)
 
     @property
     def shards(self) -> list[dict]:
         return self.manifest["shards"]
 
-    def shard_path(self, shard: dict) -> Path:
-        return self.path / shard["file"]
+    def shard_path(self, shard: dict) -> Path | str:
+        """The shard's path (local directory) or URL (object store)."""
+        return self.store.path(shard["file"]) if self.store.is_local else self.store.where(shard["file"])
+
+    def read_ahead(self, shard_indices: Sequence[int]) -> None:
+        """The shards (indices into :attr:`shards`) that will be read next, in order: an
+        object-store cache fetches them in the background, ``read_ahead`` at a time, while
+        the current one is decoded and trained on. No-op for a local directory."""
+        if self._ahead is not None:
+            self._ahead.plan([self.shards[i]["file"] for i in shard_indices])
 
     def open_shard(self, shard: dict) -> tuple[pq.ParquetFile, np.ndarray]:
         path = self.shard_path(shard)
-        if not path.exists():
-            raise KdcacheError(f"{path}: shard listed in the manifest is missing; copy it again, or rerun the same "
-                               "generate-teacher command to rescore it")
-        if path.stat().st_size != shard["bytes"]:
-            raise KdcacheError(
-                f"{path}: size {path.stat().st_size} differs from the manifest's {shard['bytes']} (damaged or "
-                f"truncated copy); {REPAIR_HINT}"
-            )
-        check_shard_checksum(path, shard["sha256"])
+        if self.store.is_local:
+            if not path.exists():
+                raise _missing_shard_error(path)
+            if path.stat().st_size != shard["bytes"]:
+                raise _size_error(path, path.stat().st_size, shard["bytes"])
+            check_shard_checksum(path, shard["sha256"])
+            source = path
+        elif self._ahead is not None:
+            source = pa.BufferReader(self._ahead.get(shard["file"]))
+        else:
+            source = pa.BufferReader(fetch_shard(self.store, shard))
         try:
-            pf = pq.ParquetFile(path)
+            pf = pq.ParquetFile(source)
         except Exception as exc:  # pyarrow raises ArrowInvalid/OSError for a damaged footer
             raise KdcacheError(f"{path}: unreadable Parquet ({first_line(exc)}); copy the shard again or rerun "
                                "generate-teacher") from None
@@ -214,9 +324,18 @@ class CacheReader:
 
     def iter_sequences(self, shard_indices: list[int] | None = None, batch_rows: int = 64) -> Iterator[TeacherScores]:
         """All sequences in seq_id order (or only the given shards, in the given order)."""
-        shards = self.shards if shard_indices is None else [self.shards[i] for i in shard_indices]
-        for shard in shards:
-            yield from self.iter_shard(shard, batch_rows)
+        indices = range(len(self.shards)) if shard_indices is None else shard_indices
+        files = [self.shards[i]["file"] for i in indices]
+        if self._ahead is not None and not self._ahead.planned(files):
+            self._ahead.plan(files)  # unless read_ahead() planned these and more
+        for i in indices:
+            yield from self.iter_shard(self.shards[i], batch_rows)
+
+    def close(self) -> None:
+        """Stop fetching ahead (object stores); the reader stays usable, without read-ahead."""
+        if self._ahead is not None:
+            self._ahead.close()
+            self._ahead = None
 
     def __len__(self) -> int:
         return int(self.manifest["totals"]["sequences"])

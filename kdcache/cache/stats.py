@@ -1,20 +1,24 @@
-"""`kdcache inspect` and `kdcache verify`: summaries and integrity checks of a cache directory."""
+"""`kdcache inspect` and `kdcache verify`: summaries and integrity checks of a cache (a directory
+or a store URL)."""
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from kdcache.cache import format as fmt
 from kdcache.cache.manifest import load_manifest, sampling_draws
 from kdcache.cache.reader import _check_shard_meta
+from kdcache.cache.storage import Store, open_store
 from kdcache.cache.writer import file_sha256
 from kdcache.errors import KdcacheError
 
 
-def summarize(cache_dir: str | Path) -> dict:
+def summarize(cache_dir: str | Path | Store) -> dict:
     """Headline numbers of a finished cache, from its manifest (no shard is read)."""
     manifest = load_manifest(cache_dir)
     totals = manifest["totals"]
@@ -66,18 +70,34 @@ def format_summary(summary: dict) -> str:
     return "\n".join(lines)
 
 
-def verify_shard(cache_dir: Path, shard: dict, top_k: int) -> str | None:
-    """None if the shard matches its manifest entry, else a one-line problem description."""
-    path = cache_dir / shard["file"]
-    if not path.exists():
-        return f"{path}: missing"
-    size = path.stat().st_size
+def verify_shard(cache_dir: str | Path | Store, shard: dict, top_k: int) -> str | None:
+    """None if the shard matches its manifest entry, else a one-line problem description.
+
+    A local shard is hashed from disk in blocks; an object-store shard is fetched once
+    (one shard's bytes in memory) and checked from memory."""
+    store = open_store(cache_dir)
+    if store.is_local:
+        path = source = store.path(shard["file"])
+        if not path.exists():
+            return f"{path}: missing"
+        size = path.stat().st_size
+        if size == shard["bytes"]:
+            digest = file_sha256(path)
+    else:
+        path = store.where(shard["file"])
+        try:
+            data = pa.py_buffer(store.read_bytes(shard["file"]))
+        except FileNotFoundError:
+            return f"{path}: missing"
+        size, source = data.size, pa.BufferReader(data)
+        if size == shard["bytes"]:
+            digest = hashlib.sha256(data).hexdigest()
     if size != shard["bytes"]:
         return f"{path}: {size} bytes, manifest says {shard['bytes']} (truncated or replaced)"
-    if file_sha256(path) != shard["sha256"]:
+    if digest != shard["sha256"]:
         return f"{path}: checksum mismatch (damaged copy)"
     try:
-        pf = pq.ParquetFile(path)
+        pf = pq.ParquetFile(source)
         _check_shard_meta(path, pf.schema_arrow.metadata)
         version = int(pf.schema_arrow.metadata[fmt.META_VERSION])
         if pf.schema_arrow.remove_metadata() != fmt.shard_schema(version):
@@ -112,18 +132,18 @@ def _value_problem(path: Path) -> str | None:
     return None
 
 
-def verify_cache(cache_dir: str | Path) -> list[str]:
+def verify_cache(cache_dir: str | Path | Store) -> list[str]:
     """Check every shard's size, checksum, schema and counts; returns the problems found."""
-    cache_dir = Path(cache_dir)
-    manifest = load_manifest(cache_dir)
+    store = open_store(cache_dir)
+    manifest = load_manifest(store)
     problems = []
     for shard in manifest["shards"]:
-        problem = verify_shard(cache_dir, shard, manifest["top_k"])
+        problem = verify_shard(store, shard, manifest["top_k"])
         if problem:
             problems.append(problem)
     total_rows = sum(s["rows"] + len(s["skipped"]) for s in manifest["shards"])
     if total_rows != manifest["dataset"]["rows"]:
         problems.append(
-            f"{cache_dir / fmt.MANIFEST_NAME}: shards cover {total_rows} rows, dataset has {manifest['dataset']['rows']}"
+            f"{store.where(fmt.MANIFEST_NAME)}: shards cover {total_rows} rows, dataset has {manifest['dataset']['rows']}"
         )
     return problems

@@ -1,9 +1,11 @@
 """Encode teacher results into cache-format shards and write them atomically.
 
-A shard is first written to ``.part-NNNNN.parquet.tmp-<pid>``, fsynced, then renamed; its
-record (``part-NNNNN.json``: counts, bytes, sha256) is written the same way *after* the
-rename. A shard counts as finished only when its record exists and matches the file, so a
-job killed at any instant leaves either nothing or a complete, verifiable shard.
+A shard is written whole (in a local directory: to ``.part-NNNNN.parquet.tmp-<pid>``,
+fsynced, then renamed; on an object store: one upload, which appears whole or not at all,
+see :mod:`kdcache.cache.storage`); its record (``part-NNNNN.json``: counts, bytes, sha256) is
+written the same way *after* the shard. A shard counts as finished only when its record
+exists and matches the shard's size, so a job killed at any instant leaves either nothing or
+a complete, verifiable shard.
 """
 
 from __future__ import annotations
@@ -12,7 +14,6 @@ import base64
 import errno
 import hashlib
 import json
-import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -25,6 +26,7 @@ import zstandard
 from kdcache.cache import format as fmt
 from kdcache.cache.quantize import quantize_logprobs
 from kdcache.cache.records import TeacherScores
+from kdcache.cache.storage import Store, open_store
 from kdcache.errors import KdcacheError
 
 
@@ -301,13 +303,6 @@ def encode_parquet(table: pa.Table, meta: dict[bytes, bytes], zstd_level: int = 
     return sink.getvalue()
 
 
-def _fsync_write(path: Path, data: bytes | memoryview) -> None:
-    with open(path, "wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-
-
 def file_sha256(path: str | Path) -> str:
     """Hex sha256 of a file's bytes (read in 4 MiB blocks)."""
     digest = hashlib.sha256()
@@ -318,38 +313,36 @@ def file_sha256(path: str | Path) -> str:
 
 
 def write_shard(
-    out_dir: str | Path,
+    out_dir: str | Path | Store,
     index: int,
     results: Sequence[TeacherScores],
     top_k: int,
     skipped: Sequence[dict] = (),
     zstd_level: int = fmt.ZSTD_LEVEL,
 ) -> ShardRecord:
-    """Write shard ``index`` under ``out_dir/shards`` atomically and return its record.
+    """Write shard ``index`` under ``out_dir/shards`` (a directory or a store URL) atomically
+    and return its record.
 
     ``skipped`` lists input rows dropped with ``--skip-bad-rows`` (``seq_id``, ``source``,
     ``reason``); they are kept in the record so the manifest accounts for every row.
     """
-    shard_dir = Path(out_dir) / fmt.SHARD_DIR
-    shard_dir.mkdir(parents=True, exist_ok=True)
+    store = open_store(out_dir)
     name = fmt.SHARD_PATTERN.format(index=index)
-    final = shard_dir / name
-    tmp = shard_dir / f".{name}.tmp-{os.getpid()}"
+    key = f"{fmt.SHARD_DIR}/{name}"
+    record_key = f"{fmt.SHARD_DIR}/{fmt.SHARD_RECORD_PATTERN.format(index=index)}"
     # Leftovers of a run killed while writing this shard (only its owner ever writes an index).
-    record_name = fmt.SHARD_RECORD_PATTERN.format(index=index)
-    for stale in [*shard_dir.glob(f".{name}.tmp-*"), *shard_dir.glob(f".{record_name}.tmp-*")]:
-        stale.unlink(missing_ok=True)
+    store.clean_temps(key)
+    store.clean_temps(record_key)
     table, meta, stats = build_shard_table(results, top_k)
     meta[fmt.META_SHARD_INDEX] = str(index).encode()
     seq_ids = [r.seq_id for r in results] + [int(s["seq_id"]) for s in skipped]
     try:
         encoded = encode_parquet(table, meta, zstd_level)
         sha256 = hashlib.sha256(memoryview(encoded)).hexdigest()
-        _fsync_write(tmp, memoryview(encoded))
-        os.replace(tmp, final)
+        store.write_bytes(key, memoryview(encoded))
         record = ShardRecord(
             index=index,
-            file=f"{fmt.SHARD_DIR}/{name}",
+            file=key,
             first_seq_id=min(seq_ids) if seq_ids else -1,
             last_seq_id=max(seq_ids) if seq_ids else -1,
             bytes=encoded.size,
@@ -357,32 +350,40 @@ def write_shard(
             skipped=list(skipped),
             **stats,
         )
-        rec_path = shard_dir / record_name
-        rec_tmp = rec_path.with_name(f".{rec_path.name}.tmp-{os.getpid()}")
-        _fsync_write(rec_tmp, (json.dumps(record.to_json(), indent=1) + "\n").encode())
-        os.replace(rec_tmp, rec_path)
+        store.write_json(record_key, record.to_json(), indent=1)
     except OSError as exc:
-        tmp.unlink(missing_ok=True)
         if exc.errno == errno.ENOSPC:
             raise KdcacheError(
-                f"{final}: disk full while writing the shard; free space and rerun the same command "
+                f"{store.where(key)}: disk full while writing the shard; free space and rerun the same command "
                 "(finished shards are kept)"
             ) from exc
-        raise KdcacheError(f"{final}: cannot write shard ({exc.strerror}); rerun the same command") from exc
+        raise KdcacheError(f"{store.where(key)}: cannot write shard ({exc.strerror}); rerun the same command") from exc
     return record
 
 
-def load_shard_record(out_dir: str | Path, index: int) -> ShardRecord | None:
-    """The record of a finished shard, or None if the shard is not finished (or half-written)."""
-    shard_dir = Path(out_dir) / fmt.SHARD_DIR
-    rec_path = shard_dir / fmt.SHARD_RECORD_PATTERN.format(index=index)
-    if not rec_path.exists():
+def load_shard_record(out_dir: str | Path | Store, index: int) -> ShardRecord | None:
+    """The record of a finished shard, or None if the shard is not finished (or half-written):
+    no record, a record that does not parse, or a shard missing or of another size."""
+    store = open_store(out_dir)
+    try:
+        raw = store.read_bytes(f"{fmt.SHARD_DIR}/{fmt.SHARD_RECORD_PATTERN.format(index=index)}")
+    except FileNotFoundError:
         return None
     try:
-        record = ShardRecord(**json.loads(rec_path.read_text()))
+        record = ShardRecord(**json.loads(bytes(raw)))
     except (ValueError, TypeError):
         return None
-    shard = Path(out_dir) / record.file
-    if not shard.exists() or shard.stat().st_size != record.bytes:
+    if store.size(record.file) != record.bytes:
         return None
     return record
+
+
+def finished_shards(out_dir: str | Path | Store, indices: Sequence[int]) -> set[int]:
+    """The shards among ``indices`` that are finished (see :func:`load_shard_record`).
+
+    One listing of ``shards/`` first, so a fresh run on an object store costs one request
+    instead of two per shard."""
+    store = open_store(out_dir)
+    names = set(store.list(fmt.SHARD_DIR))
+    return {i for i in indices
+            if fmt.SHARD_RECORD_PATTERN.format(index=i) in names and load_shard_record(store, i) is not None}

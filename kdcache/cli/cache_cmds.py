@@ -10,11 +10,12 @@ import click
 from kdcache.cli.output import verbose_option
 
 from kdcache.cache.stats import format_summary, summarize, verify_cache
+from kdcache.cli.types import CACHE
 
 
 @click.command()
 @verbose_option
-@click.argument("cache_dir", type=click.Path(file_okay=False))
+@click.argument("cache_dir", type=CACHE)
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 def inspect(cache_dir: str, as_json: bool) -> None:
     """Summarize a cache: sequences, supervised tokens, bytes per token, top-k mass, shards."""
@@ -24,7 +25,7 @@ def inspect(cache_dir: str, as_json: bool) -> None:
 
 @click.command()
 @verbose_option
-@click.argument("cache_dir", type=click.Path(file_okay=False))
+@click.argument("cache_dir", type=CACHE)
 def verify(cache_dir: str) -> None:
     """Check every shard's checksum, schema and counts against the manifest.
 

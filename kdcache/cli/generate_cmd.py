@@ -7,6 +7,7 @@ import click
 from kdcache.cli.output import verbose_option
 
 from kdcache.cache import format as fmt
+from kdcache.cli.types import CACHE
 from kdcache.config import apply_config
 from kdcache.teacher.generate import GenerateConfig, generate_teacher_cache
 
@@ -22,7 +23,7 @@ def _load_config(ctx: click.Context, _param: click.Parameter, value: str | None)
               help="Pipeline YAML; its `teacher:` section supplies defaults for these flags.")
 @click.option("--teacher", required=True, help="HF model directory or hub id, a .gguf file, or an AWQ/GPTQ checkpoint.")
 @click.option("--dataset", required=True, help="JSONL, .jsonl.zst, Parquet, a directory/glob of them, a `datasets` save_to_disk directory, or a hub dataset name.")
-@click.option("--output", required=True, type=click.Path(file_okay=False), help="Cache directory (created; rerun the same command to resume).")
+@click.option("--output", required=True, type=CACHE, help="Cache directory (created; rerun the same command to resume), or an object-store URL: s3://bucket/prefix, gs://..., any fsspec URL.")
 @click.option("--backend", type=click.Choice(["auto", "vllm", "hf"]), default="auto", show_default=True, help="vLLM engine or transformers forward; auto prefers vLLM, but transformers for --sampling tail/random (vLLM hands draws over as whole vocabulary rows) unless the teacher is quantized or tensor-parallel.")
 @click.option("--top-k", type=int, default=4, show_default=True, help="Top log-probs stored per supervised token (0 with --sampling random stores samples only). The default 4 + tail draws is the quality benchmark's winner; use --top-k 64 --sampling none for temperature != 1 or the other divergences.")
 @click.option("--sampling", type=click.Choice(["none", "random", "tail"]), default="tail", show_default=True,
@@ -41,8 +42,8 @@ def _load_config(ctx: click.Context, _param: click.Parameter, value: str | None)
 @click.option("--temperature", type=float, default=1.0, show_default=True, help="--mode generate: sampling temperature (stored log-probs stay raw, T=1).")
 @click.option("--top-p", type=float, default=1.0, show_default=True, help="--mode generate: nucleus sampling.")
 @click.option("--shard-size", type=int, default=1024, show_default=True, help="Input rows per shard (the unit of resume and scale-out).")
-@click.option("--num-workers", type=int, default=1, show_default=True, help="Processes/machines sharing this output directory.")
-@click.option("--worker-index", type=int, default=0, show_default=True, help="This worker's index in [0, num-workers).")
+@click.option("--num-workers", type=int, default=None, help="Processes/machines sharing this output directory [default: from a SLURM array job (SLURM_ARRAY_TASK_COUNT), an srun step (SLURM_NTASKS) or torchrun (WORLD_SIZE), else 1].")
+@click.option("--worker-index", type=int, default=None, help="This worker's index in [0, num-workers) [default: from SLURM_ARRAY_TASK_ID, SLURM_PROCID or RANK, else 0].")
 @click.option("--skip-bad-rows", is_flag=True, help="Skip (and count in the manifest) rows that cannot be used, instead of stopping.")
 @click.option("--dtype", default="auto", show_default=True, help="Teacher dtype: auto, bfloat16, float16, float32.")
 @click.option("--quantization", default=None, help="vLLM quantization method (awq, gptq, ...); detected from the checkpoint if omitted.")

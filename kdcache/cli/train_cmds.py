@@ -9,7 +9,7 @@ import sys
 import click
 
 from kdcache.cli.output import verbose_option
-
+from kdcache.cli.types import CACHE
 from kdcache.config import apply_config, load_section
 from kdcache.student.losses import LOSS_NAMES
 
@@ -79,9 +79,9 @@ def _runtime_options(func, dtype_help: str = "Weight dtype: auto (float32 master
 @click.option("--config", type=click.Path(dir_okay=False), callback=_load_train_config, is_eager=True, expose_value=False,
               help="Pipeline YAML; its `student:` section supplies defaults for these flags.")
 @click.option("--student", required=True, help="Student: HF model directory or hub id (the base model for LoRA).")
-@click.option("--cache", required=True, type=click.Path(file_okay=False), help="Teacher cache directory from generate-teacher.")
+@click.option("--cache", required=True, type=CACHE, help="Teacher cache from generate-teacher: a directory or an object-store URL (s3://..., gs://...).")
 @click.option("--output", required=True, type=click.Path(file_okay=False), help="Run directory (checkpoints, metrics, final model).")
-@click.option("--eval-cache", type=click.Path(file_okay=False), default=None, help="Held-out cache for evaluation and best-checkpoint selection.")
+@click.option("--eval-cache", type=CACHE, default=None, help="Held-out cache for evaluation and best-checkpoint selection.")
 @click.option("--eval-every", type=int, default=0, show_default=True, help="Evaluate every N steps (0: only at the end).")
 @click.option("--eval-sequences", type=int, default=None, help="Evaluate on the first N sequences of --eval-cache only.")
 @_loss_options
@@ -151,7 +151,7 @@ def train_student(**options) -> None:
 @click.option("--config", type=click.Path(dir_okay=False), callback=_load_eval_config, is_eager=True, expose_value=False,
               help="Pipeline YAML; loss and runtime keys of its `student:` section supply defaults.")
 @click.option("--model", required=True, help="Model directory, hub id, or a LoRA adapter directory (e.g. OUTPUT/model, OUTPUT/adapter).")
-@click.option("--cache", required=True, type=click.Path(file_okay=False), help="Teacher cache to evaluate against.")
+@click.option("--cache", required=True, type=CACHE, help="Teacher cache to evaluate against (a directory or an object-store URL).")
 @click.option("--json", "as_json", is_flag=True, help="Print the metrics as JSON.")
 @click.option("--max-sequences", type=int, default=None, help="Evaluate the first N sequences only.")
 @_loss_options

@@ -53,12 +53,33 @@ def load_tokenizer(model: str | Path):
         raise KdcacheError(f"{model}: cannot load the student's tokenizer ({first_line(exc)})") from None
 
 
-def _teacher_tokenizer(cache_dir: Path, manifest: dict):
-    """The teacher's tokenizer if reachable offline and matching the manifest hash, else None."""
-    from transformers import AutoTokenizer
+def _teacher_tokenizer(cache_dir: str | Path, manifest: dict):
+    """The teacher's tokenizer if reachable offline and matching the manifest hash, else None.
+
+    Looks in ``<cache>/tokenizer`` (downloaded to a temporary directory when the cache is on
+    an object store), then at the teacher path recorded in the manifest."""
+    import tempfile
+
+    from kdcache.cache.storage import open_store
 
     teacher = manifest.get("teacher", {})
-    candidates = [cache_dir / "tokenizer"] + [Path(str(teacher[k])) for k in ("path", "model", "spec") if teacher.get(k)]
+    local = [Path(str(teacher[k])) for k in ("path", "model", "spec") if teacher.get(k)]
+    store = open_store(cache_dir)
+    if store.is_local:
+        return _first_matching([store.path("tokenizer"), *local], manifest)
+    with tempfile.TemporaryDirectory(prefix="kdcache-tokenizer-") as tmp:
+        try:
+            if store.exists("tokenizer/tokenizer_config.json"):  # uploaded last: the copy is complete
+                for name in store.list("tokenizer"):
+                    (Path(tmp) / name).write_bytes(bytes(store.read_bytes(f"tokenizer/{name}")))
+        except (OSError, KdcacheError):
+            pass  # unreadable: try the teacher path
+        return _first_matching([Path(tmp), *local], manifest)
+
+
+def _first_matching(candidates: list[Path], manifest: dict):
+    from transformers import AutoTokenizer
+
     want = manifest["tokenizer"]
     for path in candidates:
         if not (path.is_dir() and (path / "tokenizer_config.json").exists()):
@@ -88,7 +109,9 @@ def check_tokenizer(student_tok: Any, manifest: dict, cache_dir: str | Path, stu
     Returns warnings (chat template or special tokens that differ: harmless for the loss,
     but the trained model will expect the teacher's chat format).
     """
-    cache_dir = Path(cache_dir)
+    from kdcache.cache.storage import is_url
+
+    cache_dir = cache_dir if is_url(cache_dir) else Path(cache_dir)
     want = manifest["tokenizer"]
     vocab_size = int(want["vocab_size"])
     if restricted_vocab_sha256(student_tok, vocab_size) != want["vocab_sha256"]:

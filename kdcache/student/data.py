@@ -75,6 +75,10 @@ def iter_epoch(
     """
     start = start if start is not None and start.epoch == epoch else DataPosition(epoch)
     windows = epoch_windows(len(reader.shards), seed, epoch, window_shards, shuffle)
+    # From an object store, the shards after the one being trained on are fetched in the
+    # background (the next epoch's first window too, so the epoch boundary does not wait).
+    following = epoch_windows(len(reader.shards), seed, epoch + 1, window_shards, shuffle)[:1]
+    reader.read_ahead([i for window in windows[start.window:] + following for i in window])
     for w in range(start.window, len(windows)):
         seqs = list(reader.iter_sequences(windows[w]))
         order = np.random.default_rng([seed, epoch, 1, w]).permutation(len(seqs)) if shuffle else np.arange(len(seqs))

@@ -5,11 +5,14 @@ Sharding: input row ``seq_id`` belongs to shard ``seq_id // shard_size``; worker
 exists (see :mod:`kdcache.cache.writer`), so rerunning the same command after a crash skips
 finished shards and rewrites only the missing ones. The last worker to finish writes
 ``manifest.json``; until then the directory holds ``run.json`` (the settings) and shards.
+The output may be a local directory or an object-store URL: every file goes through
+:mod:`kdcache.cache.storage`, whose docstring says what differs on an object store.
 """
 
 from __future__ import annotations
 
 import datetime as _dt
+import fnmatch
 import hashlib
 import itertools
 import json
@@ -20,19 +23,21 @@ import sys
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Iterator
 
 from kdcache import __version__
 from kdcache.cache import format as fmt
-from kdcache.cache.manifest import validate_manifest, write_json_atomic
+from kdcache.cache.manifest import validate_manifest, write_json_atomic  # noqa: F401 - re-exported
 from kdcache.cache.quantize import MAX_ABS_ERROR_COARSE, MAX_ABS_ERROR_FINE
 from kdcache.cache.records import scores_problem
-from kdcache.cache.writer import ShardRecord, load_shard_record, write_shard
+from kdcache.cache.storage import Store, open_store
+from kdcache.cache.writer import ShardRecord, finished_shards, load_shard_record, write_shard
 from kdcache.config import changed_keys
 from kdcache.errors import KdcacheError, first_line
 from kdcache.teacher.base import ScoringSettings
+from kdcache.teacher.launcher import resolve_workers
 from kdcache.teacher.statistics import DRAW_SCHEMES
 
 WORKERS_DIR = "workers"
@@ -62,8 +67,10 @@ class GenerateConfig:
     temperature: float = 1.0
     top_p: float = 1.0
     shard_size: int = 1024
-    num_workers: int = 1
-    worker_index: int = 0
+    # None: from the launcher (SLURM array / srun / torchrun), else 1 worker, index 0
+    # (kdcache.teacher.launcher.resolve_workers).
+    num_workers: int | None = None
+    worker_index: int | None = None
     skip_bad_rows: bool = False
     dtype: str = "auto"
     quantization: str | None = None
@@ -93,10 +100,12 @@ class GenerateConfig:
             raise KdcacheError("--samples must be between 1 and 65535")
         if self.draws not in DRAW_SCHEMES:
             raise KdcacheError(f"--draws must be 'systematic' or 'iid', got {self.draws!r}")
-        if self.num_workers < 1:
-            raise KdcacheError(f"--num-workers must be >= 1, got {self.num_workers}")
-        if not 0 <= self.worker_index < self.num_workers:
-            raise KdcacheError(f"--worker-index must be in [0, {self.num_workers}), got {self.worker_index}")
+        num_workers = 1 if self.num_workers is None else self.num_workers
+        worker_index = 0 if self.worker_index is None else self.worker_index
+        if num_workers < 1:
+            raise KdcacheError(f"--num-workers must be >= 1, got {num_workers}")
+        if not 0 <= worker_index < num_workers:
+            raise KdcacheError(f"--worker-index must be in [0, {num_workers}), got {worker_index}")
         if self.shard_size < 1 or (self.max_length is not None and self.max_length < 2):
             raise KdcacheError("--shard-size must be >= 1 and --max-length >= 2")
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
@@ -146,26 +155,13 @@ def _generation(cfg: GenerateConfig) -> dict | None:
     return {"max_new_tokens": cfg.max_new_tokens, "temperature": cfg.temperature, "top_p": cfg.top_p, "seed": cfg.seed}
 
 
-def _create_once(path: Path, payload: dict) -> None:
-    """Write ``path`` as JSON unless it exists: link a complete temp file into place, an atomic
-    create-if-absent, so concurrent workers race safely and the first one wins."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(payload, indent=2) + "\n")
-    try:
-        os.link(tmp, path)
-    except FileExistsError:
-        pass
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def _has_finished_work(out: Path) -> bool:
+def _has_finished_work(out: Store) -> bool:
     """Whether any shard (or worker) of the run in ``out`` has finished."""
-    shard_records = (out / fmt.SHARD_DIR).glob(fmt.SHARD_RECORD_PATTERN.replace("{index:05d}", "*"))
-    return any(True for _ in shard_records) or any(True for _ in (out / WORKERS_DIR).glob("worker-*.json"))
+    shard_records = fnmatch.filter(out.list(fmt.SHARD_DIR), fmt.SHARD_RECORD_PATTERN.replace("{index:05d}", "*"))
+    return bool(shard_records) or bool(fnmatch.filter(out.list(WORKERS_DIR), "worker-*.json"))
 
 
-def claim_directory(out: Path, settings: dict) -> str:
+def claim_directory(out: str | Path | Store, settings: dict) -> str:
     """Record the run's settings in ``run.json``, or refuse a directory made with other settings.
 
     Returns the settings' hash (what :func:`check_claim` compares with).
@@ -174,63 +170,71 @@ def claim_directory(out: Path, settings: dict) -> str:
     keep: its directory is claimed afresh with the new settings. A worker of the old settings
     still running there stops before recording a shard (:func:`check_claim`).
     """
-    import shutil
-
-    out.mkdir(parents=True, exist_ok=True)
-    run_path = out / fmt.RUN_NAME
+    out = open_store(out)
+    out.prepare()
     payload = {"settings_hash": _hash(settings), "settings": settings, "tool_version": __version__}
-    if not run_path.exists():
+    if not out.exists(fmt.RUN_NAME):
         # run.json / tokenizer / scorer.json may appear from a worker that started at the same moment.
         ours = {fmt.RUN_NAME, TOKENIZER_DIR, SCORER_NAME}
-        if any(p for p in out.iterdir() if not p.name.startswith(".") and p.name not in ours):
-            raise KdcacheError(f"{out}: directory is not empty and holds no kdcache run; choose an empty --output")
-        _create_once(run_path, payload)
-    existing = json.loads(run_path.read_text())
+        if any(name for name in out.list() if not name.startswith(".") and name not in ours):
+            raise KdcacheError(f"{out.where()}: directory is not empty and holds no kdcache run; choose an empty --output")
+        out.create_json_once(fmt.RUN_NAME, payload)
+    existing = out.read_json(fmt.RUN_NAME)
     if existing.get("settings_hash") == payload["settings_hash"]:
         return payload["settings_hash"]
     diffs = changed_keys(existing.get("settings", {}), settings)
     if _has_finished_work(out):
         raise KdcacheError(
-            f"{out}: holds a cache made with different settings ({', '.join(diffs)} differ); "
+            f"{out.where()}: holds a cache made with different settings ({', '.join(diffs)} differ); "
             "use a new --output directory or rerun with the original settings"
         )
-    print(f"kdcache: {out} held an unfinished run with other settings ({', '.join(diffs)} differ) and no finished "
-          "shard; starting over with these settings", file=sys.stderr)
-    for stale in (out / SCORER_NAME, out / fmt.SHARD_DIR, out / TOKENIZER_DIR):
-        if stale.is_dir():
-            shutil.rmtree(stale, ignore_errors=True)
-        else:
-            stale.unlink(missing_ok=True)
-    write_json_atomic(run_path, payload)
+    print(f"kdcache: {out.where()} held an unfinished run with other settings ({', '.join(diffs)} differ) and no "
+          "finished shard; starting over with these settings", file=sys.stderr)
+    for stale in (SCORER_NAME, fmt.SHARD_DIR, TOKENIZER_DIR):
+        out.delete(stale)
+    out.write_json(fmt.RUN_NAME, payload)
     return payload["settings_hash"]
 
 
-def check_claim(out: Path, settings_hash: str) -> None:
-    """Stop before recording a shard if the directory was claimed by a run with other settings."""
-    existing = json.loads((out / fmt.RUN_NAME).read_text())
+def check_claim(out: str | Path | Store, settings_hash: str, scorer: dict | None = None) -> None:
+    """Stop before recording a shard if the directory was claimed by a run with other settings
+    (or, given this worker's ``scorer``, if ``scorer.json`` names another backend or dtype).
+
+    Runs before every shard record: on an object store, where two workers can both create
+    ``run.json`` or ``scorer.json`` at the same moment (see :mod:`kdcache.cache.storage`), this
+    is what stops the worker whose claim lost before it records anything.
+    """
+    out = open_store(out)
+    existing = out.read_json(fmt.RUN_NAME)
     if existing.get("settings_hash") != settings_hash:
-        raise KdcacheError(f"{out}: another generate-teacher run took over this directory with other settings; "
+        raise KdcacheError(f"{out.where()}: another generate-teacher run took over this directory with other settings; "
                            "this run stops (its shards would mix with theirs)")
+    if scorer is not None:
+        _check_scorer(out, scorer)
 
 
 SCORER_NAME = "scorer.json"
 
 
-def claim_scorer(out: Path, scorer: dict) -> None:
+def claim_scorer(out: str | Path | Store, scorer: dict) -> None:
     """Every shard of a cache must come from the same backend, dtype and scoring path: the
     first worker to load its teacher records them in ``scorer.json``; a worker that loaded
     something else (``--backend auto`` fell back to transformers on one machine, another
     vLLM release took the prompt-log-prob path) stops before writing."""
-    path = out / SCORER_NAME
-    if not path.exists():
-        _create_once(path, scorer)
-    existing = json.loads(path.read_text())
+    out = open_store(out)
+    out.create_json_once(SCORER_NAME, scorer)
+    _check_scorer(out, scorer)
+
+
+def _check_scorer(out: Store, scorer: dict) -> None:
+    existing = out.read_json(SCORER_NAME)
     if existing != scorer:
         raise KdcacheError(
-            f"{out}: its shards are scored with backend {existing.get('backend_used')} in {existing.get('dtype_loaded')} "
-            f"({existing.get('scoring_path')}), but this worker loaded backend {scorer.get('backend_used')} in "
-            f"{scorer.get('dtype_loaded')} ({scorer.get('scoring_path')}); pass --backend {existing.get('backend_used')} "
-            f"--dtype {existing.get('dtype_loaded')} (and the same vLLM release) so the cache stays uniform"
+            f"{out.where()}: its shards are scored with backend {existing.get('backend_used')} in "
+            f"{existing.get('dtype_loaded')} ({existing.get('scoring_path')}), but this worker loaded backend "
+            f"{scorer.get('backend_used')} in {scorer.get('dtype_loaded')} ({scorer.get('scoring_path')}); pass "
+            f"--backend {existing.get('backend_used')} --dtype {existing.get('dtype_loaded')} (and the same vLLM "
+            "release) so the cache stays uniform"
         )
 
 
@@ -270,16 +274,30 @@ def _fit_to_teacher(cfg: GenerateConfig, teacher_path: Path, tokenizer) -> int:
     return extra
 
 
-def save_tokenizer(out: Path, tokenizer) -> None:
+def save_tokenizer(out: str | Path | Store, tokenizer) -> None:
     """Keep the teacher's tokenizer in ``out/tokenizer`` so stage two can name the first token
-    a student tokenizer maps differently, on a machine that has no copy of the teacher."""
+    a student tokenizer maps differently, on a machine that has no copy of the teacher.
+
+    A local directory gets it by one rename; on an object store the files are uploaded with
+    ``tokenizer_config.json`` last, whose presence marks the copy complete."""
     import shutil
     import tempfile
 
-    target = out / TOKENIZER_DIR
+    out = open_store(out)
+    if not out.is_local:
+        marker = f"{TOKENIZER_DIR}/tokenizer_config.json"
+        if out.exists(marker):
+            return
+        with tempfile.TemporaryDirectory(prefix="kdcache-tokenizer-") as tmp:
+            tokenizer.save_pretrained(tmp)
+            files = sorted((p for p in Path(tmp).rglob("*") if p.is_file()), key=lambda p: p.name == "tokenizer_config.json")
+            for file in files:
+                out.write_bytes(f"{TOKENIZER_DIR}/{file.relative_to(tmp).as_posix()}", file.read_bytes())
+        return
+    target = out.path(TOKENIZER_DIR)
     if target.exists():
         return
-    tmp = Path(tempfile.mkdtemp(prefix=f".{TOKENIZER_DIR}.tmp-", dir=out))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{TOKENIZER_DIR}.tmp-", dir=out.path()))
     try:
         tokenizer.save_pretrained(tmp)
         umask = os.umask(0)
@@ -294,19 +312,27 @@ def save_tokenizer(out: Path, tokenizer) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def finalize(out: str | Path) -> dict | None:
+def record_worker(out: str | Path | Store, num_workers: int, worker_index: int, payload: dict) -> None:
+    """``workers/worker-I-of-W.json``: this worker finished all its shards (what :func:`finalize` reads)."""
+    open_store(out).write_json(f"{WORKERS_DIR}/worker-{worker_index}-of-{num_workers}.json", payload)
+
+
+def finalize(out: str | Path | Store) -> dict | None:
     """Write ``manifest.json`` if every shard of the input is finished; returns it, else None."""
-    out = Path(out)
-    run = json.loads((out / fmt.RUN_NAME).read_text())
-    done_files = sorted((out / WORKERS_DIR).glob("*.json")) if (out / WORKERS_DIR).exists() else []
+    out = open_store(out)
+    run = out.read_json(fmt.RUN_NAME)
+    done_files = fnmatch.filter(out.list(WORKERS_DIR), "*.json")
     if not done_files:
         return None
-    done = [json.loads(p.read_text()) for p in done_files]
+    done = [out.read_json(f"{WORKERS_DIR}/{name}") for name in done_files]
     # Prefer a worker that loaded the teacher: it knows the backend and dtype actually used.
     done.sort(key=lambda d: "backend_used" not in d["teacher"])
     total_rows = done[0]["dataset_rows"]
     settings = run["settings"]
     n_shards = math.ceil(total_rows / settings["shard_size"])
+    listed = set(out.list(fmt.SHARD_DIR))
+    if any(fmt.SHARD_RECORD_PATTERN.format(index=i) not in listed for i in range(n_shards)):
+        return None  # one listing tells a worker that is not the last
     records: list[ShardRecord] = []
     for index in range(n_shards):
         record = load_shard_record(out, index)
@@ -354,8 +380,8 @@ def finalize(out: str | Path) -> dict | None:
             "mean_topk_mass": (sum(r.topk_mass_sum for r in records) / tokens) if tokens and settings["top_k"] else None,
         },
     }
-    validate_manifest(manifest, out / fmt.MANIFEST_NAME)
-    write_json_atomic(out / fmt.MANIFEST_NAME, manifest)
+    validate_manifest(manifest, out.where(fmt.MANIFEST_NAME))
+    out.write_json(fmt.MANIFEST_NAME, manifest)
     return manifest
 
 
@@ -456,12 +482,12 @@ class _Progress:
 GENERATIONS_DIR = "generations"
 
 
-def responses_path(out: Path, index: int) -> Path:
+def responses_key(index: int) -> str:
     """Where ``--mode generate`` keeps shard ``index``'s responses between its two phases."""
-    return out / GENERATIONS_DIR / f"part-{index:05d}.json"
+    return f"{GENERATIONS_DIR}/part-{index:05d}.json"
 
 
-def generate_responses(cfg: GenerateConfig, out: Path, teacher, shards: Iterator[tuple[int, list, list[dict]]],
+def generate_responses(cfg: GenerateConfig, out: Store, teacher, shards: Iterator[tuple[int, list, list[dict]]],
                        todo_rows: int, extra_positions: int) -> str:
     """Phase 1 of ``--mode generate``: the teacher writes a response for each prompt of the
     shards still to do, with the sampling engine of ``kdcache rollout``
@@ -482,9 +508,9 @@ def generate_responses(cfg: GenerateConfig, out: Path, teacher, shards: Iterator
     progress = None
     try:
         for index, examples, skipped in shards:
-            path = responses_path(out, index)
-            if path.exists():
-                engine_name = engine_name or json.loads(path.read_text())["engine"]
+            key = responses_key(index)
+            if out.exists(key):
+                engine_name = engine_name or out.read_json(key)["engine"]
                 continue
             if engine is None:
                 options = {k: v for k, v in _engine_options(cfg, extra_positions).items() if v is not None}
@@ -493,8 +519,7 @@ def generate_responses(cfg: GenerateConfig, out: Path, teacher, shards: Iterator
                 progress = _Progress(todo_rows, cfg.progress, "generating")
             responses = {str(c.seq_id): c.response_ids.tolist() for c in engine.sample(examples, sampling)}
             progress.update(len(examples) + len(skipped), sum(len(r) for r in responses.values()))
-            path.parent.mkdir(exist_ok=True)
-            write_json_atomic(path, {"engine": engine.name, "sampling": sampling.to_json(), "responses": responses})
+            out.write_json(key, {"engine": engine.name, "sampling": sampling.to_json(), "responses": responses})
     finally:
         if progress is not None:
             progress.close()
@@ -503,13 +528,13 @@ def generate_responses(cfg: GenerateConfig, out: Path, teacher, shards: Iterator
     return engine_name or "none"
 
 
-def load_responses(out: Path, index: int) -> dict[int, list[int]]:
-    path = responses_path(out, index)
+def load_responses(out: Store, index: int) -> dict[int, list[int]]:
+    key = responses_key(index)
     try:
-        return {int(k): v for k, v in json.loads(path.read_text())["responses"].items()}
-    except (OSError, ValueError, KeyError) as exc:
-        raise KdcacheError(f"{path}: the responses of phase 1 are missing or damaged ({first_line(exc)}); delete it "
-                           "and rerun the same command to generate them again") from None
+        return {int(k): v for k, v in out.read_json(key)["responses"].items()}
+    except (KdcacheError, OSError, ValueError, KeyError) as exc:
+        raise KdcacheError(f"{out.where(key)}: the responses of phase 1 are missing or damaged ({first_line(exc)}); "
+                           "delete it and rerun the same command to generate them again") from None
 
 
 def with_responses(prompts: list, responses: dict[int, list[int]]) -> list:
@@ -533,12 +558,16 @@ def generate_teacher_cache(cfg: GenerateConfig) -> dict | None:
     from kdcache.data import SkippedRow, open_dataset, tokenize_rows
     from kdcache.teacher.loading import make_backend, resolve_teacher, teacher_description, tokenizer_fingerprint
 
+    slot = resolve_workers(cfg.num_workers, cfg.worker_index)
+    cfg = replace(cfg, num_workers=slot.num_workers, worker_index=slot.worker_index)
     cfg.check()
+    if slot.num_workers > 1:
+        print(f"kdcache: worker {slot.worker_index} of {slot.num_workers} (from {slot.source})", file=sys.stderr)
     if not cfg.progress:
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
-    out = Path(cfg.output)
+    out = open_store(cfg.output)
     teacher = resolve_teacher(cfg.teacher)
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(teacher.path))
@@ -566,7 +595,7 @@ def generate_teacher_cache(cfg: GenerateConfig) -> dict | None:
         total_rows = sum(1 for _ in dataset.rows())
     n_shards = math.ceil(total_rows / cfg.shard_size)
     mine = [i for i in range(n_shards) if i % cfg.num_workers == cfg.worker_index]
-    todo = {i for i in mine if load_shard_record(out, i) is None}
+    todo = set(mine) - finished_shards(out, mine)
     todo_rows = sum(min(cfg.shard_size, total_rows - i * cfg.shard_size) for i in todo)
 
     backend = None
@@ -610,7 +639,8 @@ def generate_teacher_cache(cfg: GenerateConfig) -> dict | None:
             if generator is not None:
                 teacher_info["generation_engine"] = generator
                 scorer_keys += ("generation_engine",)
-            claim_scorer(out, {k: str(teacher_info[k]) for k in scorer_keys})
+            scorer = {k: str(teacher_info[k]) for k in scorer_keys}
+            claim_scorer(out, scorer)
             # Rate and ETA count from here: the model's load is not scoring time.
             progress = _Progress(todo_rows, cfg.progress)
             if cfg.overlap:
@@ -628,7 +658,7 @@ def generate_teacher_cache(cfg: GenerateConfig) -> dict | None:
                     results.append(result)
                     progress.update(1, result.num_targets)
                 progress.update(len(skipped), 0)
-                check_claim(out, settings_hash)
+                check_claim(out, settings_hash, scorer)
                 if writer is None:
                     write_shard(out, index, results, cfg.top_k, skipped=skipped, zstd_level=cfg.zstd_level)
                     continue
@@ -650,10 +680,9 @@ def generate_teacher_cache(cfg: GenerateConfig) -> dict | None:
 
     if cfg.mode == "generate":  # every shard of this worker is recorded: its responses are in the shards
         for index in mine:
-            responses_path(out, index).unlink(missing_ok=True)
-    (out / WORKERS_DIR).mkdir(exist_ok=True)
-    write_json_atomic(
-        out / WORKERS_DIR / f"worker-{cfg.worker_index}-of-{cfg.num_workers}.json",
+            out.delete(responses_key(index))
+    record_worker(
+        out, cfg.num_workers, cfg.worker_index,
         {
             "dataset_rows": total_rows,
             "teacher": teacher_info,
