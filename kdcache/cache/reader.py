@@ -344,7 +344,11 @@ class CacheReader:
 def read_shard_file(path: str | Path, batch_rows: int = 64) -> Iterator[TeacherScores]:
     """Decode one shard file on its own (no manifest needed), e.g. for debugging."""
     path = Path(path)
-    pf = pq.ParquetFile(path)
+    yield from iter_parquet_shard(pq.ParquetFile(path), path, batch_rows)
+
+
+def iter_parquet_shard(pf: pq.ParquetFile, path: Path | str, batch_rows: int = 64) -> Iterator[TeacherScores]:
+    """Decode an opened shard (its footer checked first); ``path`` names it in errors."""
     meta = pf.schema_arrow.metadata
     _check_shard_meta(path, meta)
     yield from _iter_file(pf, _footer_id_table(path, meta), int(meta[fmt.META_TOP_K]), path, batch_rows)

@@ -115,17 +115,17 @@ def verify_shard(cache_dir: str | Path | Store, shard: dict, top_k: int) -> str 
     seq = table.column("seq_id").to_numpy()
     if seq.size and (seq.min() < shard["first_seq_id"] or seq.max() > shard["last_seq_id"]):
         return f"{path}: seq_id outside the shard's range {shard['first_seq_id']}..{shard['last_seq_id']}"
-    return _value_problem(path)
+    return _value_problem(pf, path)
 
 
-def _value_problem(path: Path) -> str | None:
+def _value_problem(pf: pq.ParquetFile, path: Path | str) -> str | None:
     """The first impossible value in the shard (NaN, a log-prob above 0, top-k masses that do
     not sum to 1 with the tail), as stored; a shard written before kdcache refused them can
     hold what a non-finite teacher forward produced."""
-    from kdcache.cache.reader import read_shard_file
+    from kdcache.cache.reader import iter_parquet_shard
     from kdcache.cache.records import QUANTIZED_MASS_TOLERANCE, scores_problem
 
-    for scores in read_shard_file(path):
+    for scores in iter_parquet_shard(pf, path):
         problem = scores_problem(scores, QUANTIZED_MASS_TOLERANCE)
         if problem is not None:
             return f"{path}: {problem}; delete the shard and rerun generate-teacher"
