@@ -59,7 +59,7 @@ import numpy as np
 from kdcache.data.example import TokenizedExample
 from kdcache.errors import KdcacheError, first_line
 from kdcache.teacher.loading import ResolvedTeacher, context_length, resolve_dtype, resolve_local, teacher_description
-from kdcache.teacher.vllm_engine import EngineUnusable, close_engine, engine_options, eos_ids
+from kdcache.teacher.vllm_engine import EngineUnusable, close_engine, engine_setup, eos_ids
 
 logger = logging.getLogger("kdcache")
 
@@ -257,21 +257,15 @@ class VLLMEngine(RolloutEngine):
         seed: int | None = 0,
         extra_engine_args: dict[str, Any] | None = None,
     ) -> None:
-        from transformers import AutoTokenizer
         from vllm import LLM
-        from vllm.platforms import current_platform
 
-        self.model = model if isinstance(model, ResolvedTeacher) else resolve_local(model)
-        on_cpu = current_platform.is_cpu()
-        self.dtype = resolve_dtype(dtype, on_cpu, quantization or self.model.quantization)
-        self.tokenizer = AutoTokenizer.from_pretrained(str(self.model.path))
-        self.vocab_size = len(self.tokenizer)
-        self.eos_ids = eos_ids(self.tokenizer, self.model.path)
-        self.engine_options = engine_options(
-            dtype=self.dtype, on_cpu=on_cpu, quantization=quantization, tensor_parallel_size=tensor_parallel_size,
+        self.model, self.dtype, self.tokenizer, self.engine_options = engine_setup(
+            model, dtype, quantization, tensor_parallel_size=tensor_parallel_size,
             gpu_memory_utilization=gpu_memory_utilization, max_num_batched_tokens=max_num_batched_tokens,
             max_model_len=max_model_len, enforce_eager=enforce_eager, seed=seed,
         )
+        self.vocab_size = len(self.tokenizer)
+        self.eos_ids = eos_ids(self.tokenizer, self.model.path)
         self._llm = LLM(
             str(self.model.path),
             runner="generate",

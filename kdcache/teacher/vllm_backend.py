@@ -36,7 +36,7 @@ from kdcache.cache.records import TeacherScores
 from kdcache.data.example import TokenizedExample
 from kdcache.errors import KdcacheError, first_line
 from kdcache.teacher.base import ScoringSettings
-from kdcache.teacher.loading import ResolvedTeacher, resolve_dtype, resolve_local
+from kdcache.teacher.loading import ResolvedTeacher
 from kdcache.teacher.sampling import validate_request
 from kdcache.teacher.statistics import scores_from_statistics, spec_for, target_spans
 from kdcache.teacher.vllm_engine import (
@@ -44,7 +44,7 @@ from kdcache.teacher.vllm_engine import (
     VLLMEngineBackend,
     architecture,
     config_vocab_rows,
-    engine_options,
+    engine_setup,
 )
 
 logger = logging.getLogger("kdcache")
@@ -92,26 +92,21 @@ class VLLMBackend(VLLMEngineBackend):
         seed: int | None = 0,
         extra_engine_args: dict[str, Any] | None = None,
     ) -> None:
-        from transformers import AutoTokenizer
         from vllm import LLM
         from vllm.config import PoolerConfig
         from vllm.platforms import current_platform
 
         from kdcache.teacher.vllm_model import ARCHITECTURES_ENV, STATS_SUFFIX
 
-        self.teacher = teacher if isinstance(teacher, ResolvedTeacher) else resolve_local(teacher)
-        on_cpu = current_platform.is_cpu()
-        self.dtype = dtype = resolve_dtype(dtype, on_cpu, quantization or self.teacher.quantization)
-        self.tokenizer = AutoTokenizer.from_pretrained(str(self.teacher.path))
-        self.vocab_size = len(self.tokenizer)
-        self.model_vocab_rows = config_vocab_rows(self.teacher.path) or self.vocab_size
-        self.stats_chunk_bytes = stats_chunk_bytes or STATS_CHUNK_BYTES["cpu" if on_cpu else "gpu"]
-        self.architecture = architecture(self.teacher.path)
-        self.engine_options = engine_options(
-            dtype=dtype, on_cpu=on_cpu, quantization=quantization, tensor_parallel_size=tensor_parallel_size,
+        self.teacher, self.dtype, self.tokenizer, self.engine_options = engine_setup(
+            teacher, dtype, quantization, tensor_parallel_size=tensor_parallel_size,
             gpu_memory_utilization=gpu_memory_utilization, max_num_batched_tokens=max_num_batched_tokens,
             max_model_len=max_model_len, enforce_eager=enforce_eager, seed=seed,
         )
+        self.vocab_size = len(self.tokenizer)
+        self.model_vocab_rows = config_vocab_rows(self.teacher.path) or self.vocab_size
+        self.stats_chunk_bytes = stats_chunk_bytes or STATS_CHUNK_BYTES["cpu" if current_platform.is_cpu() else "gpu"]
+        self.architecture = architecture(self.teacher.path)
         # The plugin registers the wrapper in every engine process it is told about.
         wanted = {a for a in os.environ.get(ARCHITECTURES_ENV, "").split(",") if a}
         os.environ[ARCHITECTURES_ENV] = ",".join(sorted(wanted | {self.architecture}))

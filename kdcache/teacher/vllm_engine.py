@@ -101,6 +101,22 @@ def engine_options(
     return {k: v for k, v in options.items() if v is not None}
 
 
+def engine_setup(model: Any, dtype: str, quantization: str | None = None, **options: Any) -> tuple[Any, str, Any, dict]:
+    """What a vLLM engine of kdcache's starts from: ``(resolved model, dtype to load, its
+    tokenizer, vllm.LLM options)``; ``dtype="auto"`` is float32 on a CPU without native bf16
+    (:func:`kdcache.teacher.loading.resolve_dtype`), ``options`` as :func:`engine_options`."""
+    from transformers import AutoTokenizer
+    from vllm.platforms import current_platform
+
+    from kdcache.teacher.loading import ResolvedTeacher, resolve_dtype, resolve_local
+
+    resolved = model if isinstance(model, ResolvedTeacher) else resolve_local(model)
+    on_cpu = current_platform.is_cpu()
+    dtype = resolve_dtype(dtype, on_cpu, quantization or resolved.quantization)
+    tokenizer = AutoTokenizer.from_pretrained(str(resolved.path))
+    return resolved, dtype, tokenizer, engine_options(dtype=dtype, on_cpu=on_cpu, quantization=quantization, **options)
+
+
 def close_engine(llm: Any, shutdown_timeout_s: float = 60.0) -> None:
     """Shut a ``vllm.LLM`` down and join its client's output thread.
 

@@ -42,10 +42,10 @@ from kdcache.cache.records import TeacherScores, tail_logmass_from_topk
 from kdcache.data.example import TokenizedExample
 from kdcache.errors import KdcacheError, first_line
 from kdcache.teacher.base import ScoringSettings
-from kdcache.teacher.loading import ResolvedTeacher, resolve_dtype, resolve_local
+from kdcache.teacher.loading import ResolvedTeacher
 from kdcache.teacher.sampling import select_real_topk, validate_request
 from kdcache.teacher.statistics import position_statistics, scores_from_statistics, spec_for
-from kdcache.teacher.vllm_engine import EngineUnusable, VLLMEngineBackend, config_vocab_rows, engine_options
+from kdcache.teacher.vllm_engine import EngineUnusable, VLLMEngineBackend, config_vocab_rows, engine_setup
 
 logger = logging.getLogger("kdcache")
 
@@ -93,25 +93,20 @@ class VLLMPromptLogprobsBackend(VLLMEngineBackend):
         seed: int | None = 0,
         extra_engine_args: dict[str, Any] | None = None,
     ) -> None:
-        from transformers import AutoTokenizer
         from vllm import LLM
-        from vllm.platforms import current_platform
 
-        self.teacher = teacher if isinstance(teacher, ResolvedTeacher) else resolve_local(teacher)
-        on_cpu = current_platform.is_cpu()
-        self.dtype = dtype = resolve_dtype(dtype, on_cpu, quantization or self.teacher.quantization)
-        self.tokenizer = AutoTokenizer.from_pretrained(str(self.teacher.path))
-        self.vocab_size = len(self.tokenizer)
-        self.max_logprob_entries = max_logprob_entries
-        model_rows = config_vocab_rows(self.teacher.path) or self.vocab_size
-        if max_num_batched_tokens is None:
-            max_num_batched_tokens = int(logits_budget_bytes // (BYTES_PER_LOGIT * model_rows))
-            max_num_batched_tokens = max(256, min(16384, max_num_batched_tokens // 256 * 256))
-        self.engine_options = engine_options(
-            dtype=dtype, on_cpu=on_cpu, quantization=quantization, tensor_parallel_size=tensor_parallel_size,
+        self.teacher, self.dtype, self.tokenizer, self.engine_options = engine_setup(
+            teacher, dtype, quantization, tensor_parallel_size=tensor_parallel_size,
             gpu_memory_utilization=gpu_memory_utilization, max_num_batched_tokens=max_num_batched_tokens,
             max_model_len=max_model_len, enforce_eager=enforce_eager, seed=seed,
         )
+        self.vocab_size = len(self.tokenizer)
+        self.max_logprob_entries = max_logprob_entries
+        if max_num_batched_tokens is None:  # every scheduled position's full-vocabulary row is materialized
+            model_rows = config_vocab_rows(self.teacher.path) or self.vocab_size
+            max_num_batched_tokens = int(logits_budget_bytes // (BYTES_PER_LOGIT * model_rows))
+            max_num_batched_tokens = max(256, min(16384, max_num_batched_tokens // 256 * 256))
+            self.engine_options["max_num_batched_tokens"] = max_num_batched_tokens
         self.engine_options["max_num_seqs"] = min(256, max_num_batched_tokens)
         self._llm = LLM(
             str(self.teacher.path),
