@@ -37,27 +37,29 @@ def test_slurm_array_with_uneven_ids_is_refused():
 
 
 def test_srun_step():
-    slot = resolve_workers(None, None, env={"SLURM_PROCID": "5", "SLURM_NTASKS": "6", "SLURM_JOB_ID": "9"})
-    assert (slot.num_workers, slot.worker_index) == (6, 5) and slot.source == "SLURM_PROCID=5 of SLURM_NTASKS=6"
+    slot = resolve_workers(None, None, env={"SLURM_PROCID": "5", "SLURM_STEP_NUM_TASKS": "6", "SLURM_JOB_ID": "9"})
+    assert (slot.num_workers, slot.worker_index) == (6, 5) and slot.source == "SLURM_PROCID=5 of SLURM_STEP_NUM_TASKS=6"
+    # an sbatch script (--ntasks 8) running kdcache itself is one process: no split
+    assert resolve_workers(None, None, env={"SLURM_PROCID": "0", "SLURM_NTASKS": "8"}).num_workers == 1
 
 
 def test_torchrun():
     slot = resolve_workers(None, None, env={"RANK": "1", "WORLD_SIZE": "4", "LOCAL_RANK": "1"})
     assert (slot.num_workers, slot.worker_index) == (4, 1) and slot.source == "RANK=1 of WORLD_SIZE=4"
     # torchrun's ranks span the srun tasks it runs in (one per node): RANK wins
-    nested = {"RANK": "5", "WORLD_SIZE": "8", "SLURM_PROCID": "1", "SLURM_NTASKS": "2"}
+    nested = {"RANK": "5", "WORLD_SIZE": "8", "SLURM_PROCID": "1", "SLURM_STEP_NUM_TASKS": "2"}
     assert resolve_workers(None, None, env=nested).worker_index == 5
 
 
 def test_array_tasks_that_each_start_several_processes():
-    env = {"SLURM_ARRAY_TASK_ID": "2", "SLURM_ARRAY_TASK_COUNT": "3", "SLURM_PROCID": "1", "SLURM_NTASKS": "2"}
+    env = {"SLURM_ARRAY_TASK_ID": "2", "SLURM_ARRAY_TASK_COUNT": "3", "SLURM_PROCID": "1", "SLURM_STEP_NUM_TASKS": "2"}
     slot = resolve_workers(None, None, env=env)
     assert (slot.num_workers, slot.worker_index) == (6, 5)
 
 
 def test_a_single_process_launch_is_not_a_split():
     """An sbatch job runs its script as task 0 of 1: explicit flags must still work there."""
-    env = {"SLURM_PROCID": "0", "SLURM_NTASKS": "1", "RANK": "0", "WORLD_SIZE": "1"}
+    env = {"SLURM_PROCID": "0", "SLURM_STEP_NUM_TASKS": "1", "RANK": "0", "WORLD_SIZE": "1"}
     slot = resolve_workers(4, 2, env=env)
     assert (slot.num_workers, slot.worker_index) == (4, 2)
 
@@ -72,12 +74,12 @@ def test_flags_that_agree_with_the_launcher_are_fine_and_conflicts_are_refused()
     assert "\n" not in message and "--num-workers 2 --worker-index 0 conflicts with the launcher" in message
     assert "RANK=1 of WORLD_SIZE=4" in message
     with pytest.raises(KdcacheError, match="--worker-index 3 conflicts"):
-        resolve_workers(None, 3, env={"SLURM_PROCID": "0", "SLURM_NTASKS": "2"})
+        resolve_workers(None, 3, env={"SLURM_PROCID": "0", "SLURM_STEP_NUM_TASKS": "2"})
 
 
 def test_unusable_launcher_variables_are_named():
     with pytest.raises(KdcacheError, match="SLURM_PROCID='x' is not an integer"):
-        resolve_workers(None, None, env={"SLURM_PROCID": "x", "SLURM_NTASKS": "2"})
+        resolve_workers(None, None, env={"SLURM_PROCID": "x", "SLURM_STEP_NUM_TASKS": "2"})
     with pytest.raises(KdcacheError, match=r"RANK=4 is outside \[0, WORLD_SIZE=4\)"):
         resolve_workers(None, None, env={"RANK": "4", "WORLD_SIZE": "4"})
 

@@ -7,14 +7,16 @@ Launchers and their variables:
   Task ids need not start at 0 (``--array=1-8``) nor be consecutive (``--array=0-15:4``): the
   position is ``(SLURM_ARRAY_TASK_ID - SLURM_ARRAY_TASK_MIN) / SLURM_ARRAY_TASK_STEP``. An
   array whose ids are not evenly spaced (``--array=1,2,7``) is refused: pass the flags.
-- ``srun`` step: ``SLURM_PROCID`` / ``SLURM_NTASKS``.
+- ``srun`` step: ``SLURM_PROCID`` / ``SLURM_STEP_NUM_TASKS`` (the step's tasks: an ``sbatch``
+  script that runs kdcache directly is one process even with ``--ntasks 8``, so
+  ``SLURM_NTASKS`` is not read; stage two's launcher detection reads the same variables).
 - ``torchrun`` (and other ``torch.distributed`` launchers): ``RANK`` / ``WORLD_SIZE``.
 
 ``torchrun``'s ``RANK`` already counts across the nodes it spans (one ``srun`` task per node),
 so it replaces the ``srun`` pair when both are set. An array job whose tasks each start several
 processes (an ``srun`` step or ``torchrun`` per task) gives ``count x tasks`` workers, task
 ``position`` taking indices ``position x tasks + rank``. A launcher that starts one process
-(``SLURM_NTASKS=1``, ``WORLD_SIZE=1``) says nothing about splitting and is ignored.
+(``SLURM_STEP_NUM_TASKS=1``, ``WORLD_SIZE=1``) says nothing about splitting and is ignored.
 """
 
 from __future__ import annotations
@@ -68,7 +70,7 @@ def _array_position(env: Mapping[str, str]) -> tuple[int, int, str] | None:
 
 def _process_rank(env: Mapping[str, str]) -> tuple[int, int, str] | None:
     """``(rank, size, description)`` from torchrun, else an srun step; None if neither is set."""
-    for rank_name, size_name in (("RANK", "WORLD_SIZE"), ("SLURM_PROCID", "SLURM_NTASKS")):
+    for rank_name, size_name in (("RANK", "WORLD_SIZE"), ("SLURM_PROCID", "SLURM_STEP_NUM_TASKS")):
         rank, size = _int(env, rank_name), _int(env, size_name)
         if rank is None or size is None:
             continue
