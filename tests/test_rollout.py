@@ -320,7 +320,7 @@ def test_unfinished_or_damaged_rollout_is_refused(tiny_llama, tmp_path):
     with pytest.raises(KdcacheError, match="checksum differs"):
         open_dataset(out).fingerprint()
     # other settings in the same directory are refused once a shard is finished
-    with pytest.raises(KdcacheError, match="other settings"):
+    with pytest.raises(KdcacheError, match="different settings"):
         run_rollout(_cfg(tiny_llama, prompts, out, shard_size=2, max_new_tokens=3, seed=5))
 
 

@@ -18,24 +18,24 @@ would need peft at every step), the two engines sample the same merged weights, 
 from __future__ import annotations
 
 import datetime as _dt
+import fnmatch
 import hashlib
 import itertools
 import json
 import math
-import os
 import shutil
 import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 
 from kdcache import __version__
-from kdcache.cache.manifest import write_json_atomic
-from kdcache.config import changed_keys
+from kdcache.cache import run_dir
+from kdcache.cache.storage import Store, is_url, open_store
 from kdcache.errors import KdcacheError, first_line
 from kdcache.rollout import rows as layout
 from kdcache.rollout.engine import Completion, RolloutEngine, SamplingSettings
@@ -167,77 +167,35 @@ def merged_student(student: Student, tokenizer: Any) -> tuple[Path, Path | None]
 # ------------------------------------------------------------------------ directory
 
 
-def _hash(payload: dict) -> str:
-    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+def _has_finished_work(out: Store) -> bool:
+    return bool(fnmatch.filter(out.list(layout.SHARD_DIR), layout.RECORD_PATTERN.replace("{index:05d}", "*")))
 
 
-def _create_once(path: Path, payload: dict) -> None:
-    """Create ``path`` as JSON unless it exists (atomic: workers racing agree on one)."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(payload, indent=2) + "\n")
-    try:
-        os.link(tmp, path)
-    except FileExistsError:
-        pass
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def _records(out: Path) -> list[Path]:
-    return sorted((out / layout.SHARD_DIR).glob(layout.RECORD_PATTERN.replace("{index:05d}", "*")))
-
-
-def claim_directory(out: Path, settings: dict) -> str:
+def claim_directory(out: Store, settings: dict) -> str:
     """Record the settings in ``rollout-run.json``, or refuse a directory holding a rollout
-    with other settings; returns the settings hash. A directory with no finished shard is
-    claimed afresh (its old settings held nothing to keep)."""
-    out.mkdir(parents=True, exist_ok=True)
-    run_path = out / layout.RUN_NAME
-    payload = {"settings_hash": _hash(settings), "settings": settings, "tool_version": __version__}
-    if not run_path.exists():
-        ours = {layout.RUN_NAME, layout.ENGINE_NAME}
-        if any(p for p in out.iterdir() if not p.name.startswith(".") and p.name not in ours):
-            raise KdcacheError(f"{out}: directory is not empty and holds no kdcache rollout; choose an empty --output")
-        _create_once(run_path, payload)
-    existing = json.loads(run_path.read_text())
-    if existing.get("settings_hash") == payload["settings_hash"]:
-        return payload["settings_hash"]
-    diffs = ", ".join(changed_keys(existing.get("settings", {}), settings))
-    if _records(out):
-        raise KdcacheError(f"{out}: holds a rollout made with other settings ({diffs} differ); use a new --output "
-                           "directory or rerun with the original settings")
-    print(f"kdcache: {out} held an unfinished rollout with other settings ({diffs} differ) and no finished shard; "
-          "starting over with these settings", file=sys.stderr)
-    for stale in (out / layout.SHARD_DIR, out / layout.WORKERS_DIR, out / layout.ENGINE_NAME):
-        if stale.is_dir():
-            shutil.rmtree(stale, ignore_errors=True)
-        else:
-            stale.unlink(missing_ok=True)
-    write_json_atomic(run_path, payload)
-    return payload["settings_hash"]
+    with other settings (:func:`kdcache.cache.run_dir.claim_directory`); returns the hash."""
+    return run_dir.claim_directory(
+        out, settings, run_name=layout.RUN_NAME, own={layout.ENGINE_NAME},
+        stale=(layout.SHARD_DIR, layout.WORKERS_DIR, layout.ENGINE_NAME), has_finished_work=_has_finished_work,
+        what="rollout",
+    )
 
 
-def claim_engine(out: Path, engine: dict) -> None:
+def claim_engine(out: Store, engine: dict) -> None:
     """All shards of a rollout come from one engine: the same seed gives other samples in
-    vLLM and in transformers, so a worker that loaded another backend or dtype stops."""
-    path = out / layout.ENGINE_NAME
-    if not path.exists():
-        _create_once(path, engine)
-    existing = json.loads(path.read_text())
-    if {k: existing.get(k) for k in ("backend", "dtype")} != {k: engine.get(k) for k in ("backend", "dtype")}:
-        raise KdcacheError(f"{out}: its shards are sampled with backend {existing.get('backend')} in {existing.get('dtype')}, "
-                           f"but this worker loaded {engine.get('backend')} in {engine.get('dtype')}; pass "
-                           f"--backend {existing.get('backend')} --dtype {existing.get('dtype')}")
+    vLLM and in transformers, so a worker that loaded another backend, dtype or release stops."""
+    run_dir.claim_uniform(out, layout.ENGINE_NAME, engine, lambda have, got: (
+        f"its shards are sampled with {have.get('version')} in {have.get('dtype')}, but this worker loaded "
+        f"{got.get('version')} in {got.get('dtype')}; pass --backend {have.get('backend')} --dtype {have.get('dtype')} "
+        "with the same release"))
 
 
-def load_record(out: Path, index: int) -> dict | None:
+def load_record(out: Store, index: int) -> dict | None:
     """The record of a finished shard, or None (missing, unreadable, or its file changed size)."""
-    path = out / layout.SHARD_DIR / layout.RECORD_PATTERN.format(index=index)
     try:
-        record = json.loads(path.read_text())
-        shard = out / record["file"]
-        return record if shard.exists() and shard.stat().st_size == record["bytes"] else None
-    except (OSError, ValueError, KeyError):
+        record = out.read_json(f"{layout.SHARD_DIR}/{layout.RECORD_PATTERN.format(index=index)}")
+        return record if out.size(record["file"]) == record["bytes"] else None
+    except (KdcacheError, OSError, ValueError, KeyError, TypeError):
         return None
 
 
@@ -292,38 +250,17 @@ def encode_shard(columns: dict[str, list], output_format: str) -> bytes:
     return sink.getvalue().to_pybytes()
 
 
-def _fsync_write(path: Path, data: bytes) -> None:
-    with open(path, "wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-
-
-def write_shard(out: Path, index: int, data: bytes, output_format: str, stats: dict) -> dict:
-    """Write shard ``index`` and then its record, each atomically; returns the record."""
-    shard_dir = out / layout.SHARD_DIR
-    shard_dir.mkdir(parents=True, exist_ok=True)
-    name = layout.shard_name(index, output_format)
-    record_name = layout.RECORD_PATTERN.format(index=index)
-    for stale in [*shard_dir.glob(f".{name}.tmp-*"), *shard_dir.glob(f".{record_name}.tmp-*")]:
-        stale.unlink(missing_ok=True)
-    record = {"index": index, "file": f"{layout.SHARD_DIR}/{name}", "bytes": len(data),
-              "sha256": hashlib.sha256(data).hexdigest(), **stats}
-    for path, payload in ((shard_dir / name, data), (shard_dir / record_name, (json.dumps(record, indent=1) + "\n").encode())):
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        try:
-            _fsync_write(tmp, payload)
-            os.replace(tmp, path)
-        except OSError as exc:
-            tmp.unlink(missing_ok=True)
-            raise KdcacheError(f"{path}: cannot write ({exc.strerror or exc}); free space or fix permissions and rerun "
-                               "the same command (finished shards are kept)") from None
+def write_shard(out: Store, index: int, data: bytes, output_format: str, stats: dict) -> dict:
+    """Write shard ``index``, then its record (each whole: :meth:`Store.write_bytes`); returns the record."""
+    name = f"{layout.SHARD_DIR}/{layout.shard_name(index, output_format)}"
+    record = {"index": index, "file": name, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest(), **stats}
+    try:
+        out.write_bytes(name, data)
+        out.write_json(f"{layout.SHARD_DIR}/{layout.RECORD_PATTERN.format(index=index)}", record, indent=1)
+    except OSError as exc:
+        raise KdcacheError(f"{out.where(name)}: cannot write ({exc.strerror or exc}); free space or fix permissions "
+                           "and rerun the same command (finished shards are kept)") from None
     return record
-
-
-def _shards_of_rows(rows: Iterator[tuple[int, str, Any]], shard_size: int) -> Iterator[tuple[int, list]]:
-    for index, group in itertools.groupby(rows, key=lambda item: item[0] // shard_size):
-        yield index, list(group)
 
 
 # ------------------------------------------------------------------------------- run
@@ -348,7 +285,10 @@ def run_rollout(cfg: RolloutConfig, engine: RolloutEngine | None = None) -> dict
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
-    out = Path(cfg.output)
+    if is_url(cfg.output):
+        raise KdcacheError(f"--output {cfg.output}: rollouts are written to a local directory (generate-teacher reads "
+                           "them from there); copy the finished directory to the bucket if needed")
+    out = open_store(cfg.output)
     student = resolve_student(cfg.student)
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(student.tokenizer_dir()))
@@ -384,7 +324,7 @@ def run_rollout(cfg: RolloutConfig, engine: RolloutEngine | None = None) -> dict
     bar = _progress(sum(min(cfg.shard_size, total - i * cfg.shard_size) for i in todo), cfg.progress)
     try:
         rows = itertools.takewhile(lambda item: item[0] < total, dataset.rows())
-        for index, shard_rows in _shards_of_rows(rows, cfg.shard_size):
+        for index, shard_rows in run_dir.shards_of_rows(rows, cfg.shard_size):
             if index not in todo:
                 continue
             examples, skipped = [], []
@@ -410,7 +350,7 @@ def run_rollout(cfg: RolloutConfig, engine: RolloutEngine | None = None) -> dict
             stats = {"prompts": len(shard_rows), "rows": len(completions),
                      "response_tokens": int(sum(c.num_tokens for c in completions)),
                      "stopped": sum(c.finish_reason == "stop" for c in completions), "skipped": skipped}
-            _check_claim(out, settings_hash)
+            run_dir.check_claim(out, layout.RUN_NAME, settings_hash, "rollout")
             write_shard(out, index, encode_shard(columns, cfg.output_format), cfg.output_format, stats)
     finally:
         bar.close()
@@ -419,8 +359,7 @@ def run_rollout(cfg: RolloutConfig, engine: RolloutEngine | None = None) -> dict
         if merged_tmp is not None:
             shutil.rmtree(merged_tmp, ignore_errors=True)
 
-    (out / layout.WORKERS_DIR).mkdir(exist_ok=True)
-    write_json_atomic(out / layout.WORKERS_DIR / f"worker-{cfg.worker_index}-of-{cfg.num_workers}.json", {
+    out.write_json(f"{layout.WORKERS_DIR}/worker-{cfg.worker_index}-of-{cfg.num_workers}.json", {
         "prompts": {"source": str(cfg.dataset), "format": data_format, "fingerprint": fingerprint, "rows": total,
                     "split": getattr(dataset, "split", None), "max_length": cfg.max_length},
         "student": student.identity,
@@ -429,31 +368,24 @@ def run_rollout(cfg: RolloutConfig, engine: RolloutEngine | None = None) -> dict
     return finalize(out)
 
 
-def _check_claim(out: Path, settings_hash: str) -> None:
-    existing = json.loads((out / layout.RUN_NAME).read_text())
-    if existing.get("settings_hash") != settings_hash:
-        raise KdcacheError(f"{out}: another rollout with other settings took over this directory; this run stops")
-
-
 def _now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
 
-def finalize(out: str | Path) -> dict | None:
+def finalize(out: str | Path | Store) -> dict | None:
     """Write ``rollout.json`` if every shard is finished; returns it, else None."""
-    out = Path(out)
-    workers = sorted((out / layout.WORKERS_DIR).glob("worker-*.json")) if (out / layout.WORKERS_DIR).exists() else []
+    out = open_store(out)
+    workers = sorted(fnmatch.filter(out.list(layout.WORKERS_DIR), "worker-*.json"))
     if not workers:
         return None
-    run = json.loads((out / layout.RUN_NAME).read_text())
-    meta = json.loads(workers[0].read_text())
+    run = out.read_json(layout.RUN_NAME)
+    meta = out.read_json(f"{layout.WORKERS_DIR}/{workers[0]}")
     settings = run["settings"]
     n_shards = math.ceil(meta["prompts"]["rows"] / settings["shard_size"])
     records = [load_record(out, i) for i in range(n_shards)]
     if any(r is None for r in records):
         return None
-    engine_path = out / layout.ENGINE_NAME
-    engine = json.loads(engine_path.read_text()) if engine_path.exists() else {}
+    engine = out.read_json(layout.ENGINE_NAME) if out.exists(layout.ENGINE_NAME) else {}
     manifest = {
         "format": layout.ROLLOUT_FORMAT,
         "format_version": layout.ROLLOUT_VERSION,
@@ -480,7 +412,7 @@ def finalize(out: str | Path) -> dict | None:
             "bytes": sum(r["bytes"] for r in records),
         },
     }
-    write_json_atomic(out / layout.MANIFEST_NAME, manifest)
+    out.write_json(layout.MANIFEST_NAME, manifest)
     return manifest
 
 

@@ -13,9 +13,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import fnmatch
-import hashlib
 import itertools
-import json
 import math
 import os
 import queue
@@ -29,12 +27,12 @@ from typing import Iterator
 
 from kdcache import __version__
 from kdcache.cache import format as fmt
+from kdcache.cache import run_dir
 from kdcache.cache.manifest import validate_manifest, write_json_atomic  # noqa: F401 - re-exported
 from kdcache.cache.quantize import MAX_ABS_ERROR_COARSE, MAX_ABS_ERROR_FINE
 from kdcache.cache.records import scores_problem
 from kdcache.cache.storage import Store, open_store
 from kdcache.cache.writer import ShardRecord, finished_shards, load_shard_record, write_shard
-from kdcache.config import changed_keys
 from kdcache.errors import KdcacheError, first_line
 from kdcache.teacher.base import ScoringSettings
 from kdcache.teacher.launcher import resolve_workers
@@ -121,10 +119,6 @@ class GenerateConfig:
                                    "and --max-new-tokens >= 1")
 
 
-def _hash(payload: dict) -> str:
-    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
-
-
 def _content_settings(cfg: GenerateConfig, teacher_info: dict, tok_fp: dict, dataset_info: dict) -> dict:
     """Everything that changes what the shards contain; two runs may share a directory only
     if these match exactly."""
@@ -162,38 +156,12 @@ def _has_finished_work(out: Store) -> bool:
 
 
 def claim_directory(out: str | Path | Store, settings: dict) -> str:
-    """Record the run's settings in ``run.json``, or refuse a directory made with other settings.
-
-    Returns the settings' hash (what :func:`check_claim` compares with).
-
-    A run that stopped before finishing any shard (a bad row, a wrong flag) holds nothing to
-    keep: its directory is claimed afresh with the new settings. A worker of the old settings
-    still running there stops before recording a shard (:func:`check_claim`).
-    """
-    out = open_store(out)
-    out.prepare()
-    payload = {"settings_hash": _hash(settings), "settings": settings, "tool_version": __version__}
-    if not out.exists(fmt.RUN_NAME):
-        # run.json / tokenizer / scorer.json may appear from a worker that started at the same moment.
-        ours = {fmt.RUN_NAME, TOKENIZER_DIR, SCORER_NAME}
-        if any(name for name in out.list() if not name.startswith(".") and name not in ours):
-            raise KdcacheError(f"{out.where()}: directory is not empty and holds no kdcache run; choose an empty --output")
-        out.create_json_once(fmt.RUN_NAME, payload)
-    existing = out.read_json(fmt.RUN_NAME)
-    if existing.get("settings_hash") == payload["settings_hash"]:
-        return payload["settings_hash"]
-    diffs = changed_keys(existing.get("settings", {}), settings)
-    if _has_finished_work(out):
-        raise KdcacheError(
-            f"{out.where()}: holds a cache made with different settings ({', '.join(diffs)} differ); "
-            "use a new --output directory or rerun with the original settings"
-        )
-    print(f"kdcache: {out.where()} held an unfinished run with other settings ({', '.join(diffs)} differ) and no "
-          "finished shard; starting over with these settings", file=sys.stderr)
-    for stale in (SCORER_NAME, fmt.SHARD_DIR, TOKENIZER_DIR):
-        out.delete(stale)
-    out.write_json(fmt.RUN_NAME, payload)
-    return payload["settings_hash"]
+    """Record the run's settings in ``run.json``, or refuse a directory made with other settings
+    (:func:`kdcache.cache.run_dir.claim_directory`); returns the settings' hash."""
+    return run_dir.claim_directory(
+        open_store(out), settings, run_name=fmt.RUN_NAME, own={TOKENIZER_DIR, SCORER_NAME},
+        stale=(SCORER_NAME, fmt.SHARD_DIR, TOKENIZER_DIR), has_finished_work=_has_finished_work, what="run",
+    )
 
 
 def check_claim(out: str | Path | Store, settings_hash: str, scorer: dict | None = None) -> None:
@@ -205,12 +173,9 @@ def check_claim(out: str | Path | Store, settings_hash: str, scorer: dict | None
     is what stops the worker whose claim lost before it records anything.
     """
     out = open_store(out)
-    existing = out.read_json(fmt.RUN_NAME)
-    if existing.get("settings_hash") != settings_hash:
-        raise KdcacheError(f"{out.where()}: another generate-teacher run took over this directory with other settings; "
-                           "this run stops (its shards would mix with theirs)")
+    run_dir.check_claim(out, fmt.RUN_NAME, settings_hash, "generate-teacher run")
     if scorer is not None:
-        _check_scorer(out, scorer)
+        run_dir.check_uniform(out, SCORER_NAME, scorer, _scorer_mismatch)
 
 
 SCORER_NAME = "scorer.json"
@@ -221,21 +186,14 @@ def claim_scorer(out: str | Path | Store, scorer: dict) -> None:
     first worker to load its teacher records them in ``scorer.json``; a worker that loaded
     something else (``--backend auto`` fell back to transformers on one machine, another
     vLLM release took the prompt-log-prob path) stops before writing."""
-    out = open_store(out)
-    out.create_json_once(SCORER_NAME, scorer)
-    _check_scorer(out, scorer)
+    run_dir.claim_uniform(open_store(out), SCORER_NAME, scorer, _scorer_mismatch)
 
 
-def _check_scorer(out: Store, scorer: dict) -> None:
-    existing = out.read_json(SCORER_NAME)
-    if existing != scorer:
-        raise KdcacheError(
-            f"{out.where()}: its shards are scored with backend {existing.get('backend_used')} in "
-            f"{existing.get('dtype_loaded')} ({existing.get('scoring_path')}), but this worker loaded backend "
-            f"{scorer.get('backend_used')} in {scorer.get('dtype_loaded')} ({scorer.get('scoring_path')}); pass "
-            f"--backend {existing.get('backend_used')} --dtype {existing.get('dtype_loaded')} (and the same vLLM "
-            "release) so the cache stays uniform"
-        )
+def _scorer_mismatch(existing: dict, scorer: dict) -> str:
+    return (f"its shards are scored with backend {existing.get('backend_used')} in {existing.get('dtype_loaded')} "
+            f"({existing.get('scoring_path')}), but this worker loaded backend {scorer.get('backend_used')} in "
+            f"{scorer.get('dtype_loaded')} ({scorer.get('scoring_path')}); pass --backend {existing.get('backend_used')} "
+            f"--dtype {existing.get('dtype_loaded')} (and the same vLLM release) so the cache stays uniform")
 
 
 #: ``--max-length`` when not given (or the teacher's context, if shorter).
@@ -395,20 +353,6 @@ def _loaded_teacher(info: dict) -> dict:
     if used:
         info["backend"] = used
     return info
-
-
-def _shards_of_rows(rows: Iterator[tuple[int, str, dict]], shard_size: int) -> Iterator[tuple[int, list]]:
-    """Group ``(seq_id, source, row)`` into ``(shard_index, rows)`` by ``seq_id // shard_size``."""
-    current, bucket = -1, []
-    for item in rows:
-        index = item[0] // shard_size
-        if index != current and bucket:
-            yield current, bucket
-            bucket = []
-        current = index
-        bucket.append(item)
-    if bucket:
-        yield current, bucket
 
 
 class _Prefetch:
@@ -604,7 +548,7 @@ def generate_teacher_cache(cfg: GenerateConfig) -> dict | None:
 
     def prepared_shards() -> Iterator[tuple[int, list, list[dict]]]:
         """``(shard_index, examples, skipped)`` for each shard this run must write."""
-        for index, rows in _shards_of_rows(dataset.rows(), cfg.shard_size):
+        for index, rows in run_dir.shards_of_rows(dataset.rows(), cfg.shard_size):
             if index not in todo:
                 continue
             examples, skipped = [], []
