@@ -52,12 +52,13 @@ import hashlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
 from kdcache.data.example import TokenizedExample
 from kdcache.errors import KdcacheError, first_line
+from kdcache.progress import EngineProgress
 from kdcache.teacher.loading import ResolvedTeacher, context_length, resolve_dtype, resolve_local, teacher_description
 from kdcache.teacher.vllm_engine import EngineUnusable, close_engine, engine_setup, eos_ids
 
@@ -177,8 +178,10 @@ class RolloutEngine(abc.ABC):
     max_model_len: int | None
 
     @abc.abstractmethod
-    def sample(self, prompts: Sequence[TokenizedExample], settings: SamplingSettings) -> Iterator[Completion]:
-        """Completions ordered by prompt, then sample index.
+    def sample(self, prompts: Sequence[TokenizedExample], settings: SamplingSettings,
+               progress: Callable[[int], None] | None = None) -> Iterator[Completion]:
+        """Completions ordered by prompt, then sample index; ``progress(n)`` is called as ``n``
+        more completions finish (a live progress bar while a shard is in the engine).
 
         Raises:
             KdcacheError: a prompt with a token id outside the vocabulary, or without room
@@ -286,7 +289,8 @@ class VLLMEngine(RolloutEngine):
 
         return f"vllm {vllm.__version__}"
 
-    def sample(self, prompts: Sequence[TokenizedExample], settings: SamplingSettings) -> Iterator[Completion]:
+    def sample(self, prompts: Sequence[TokenizedExample], settings: SamplingSettings,
+               progress: Callable[[int], None] | None = None) -> Iterator[Completion]:
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
@@ -311,7 +315,7 @@ class VLLMEngine(RolloutEngine):
                     allowed_token_ids=self._allowed_ids,
                 ))
         inputs = [TokensPrompt(prompt_token_ids=ex.input_ids.tolist()) for ex, _ in requests]
-        outs = self._llm.generate(inputs, params, use_tqdm=False)
+        outs = self._llm.generate(inputs, params, use_tqdm=EngineProgress.factory(progress))
         for (ex, j), out in zip(requests, outs):
             yield self._completion(ex, j, out.outputs[0], settings)
 
@@ -398,11 +402,15 @@ class HFEngine(RolloutEngine):
 
         return f"transformers {transformers.__version__}"
 
-    def sample(self, prompts: Sequence[TokenizedExample], settings: SamplingSettings) -> Iterator[Completion]:
+    def sample(self, prompts: Sequence[TokenizedExample], settings: SamplingSettings,
+               progress: Callable[[int], None] | None = None) -> Iterator[Completion]:
         settings.check()
         self._check_prompts(prompts, settings, self.max_model_len)
         for ex in prompts:
-            yield from self._sample_prompt(ex, settings)
+            completions = list(self._sample_prompt(ex, settings))
+            if progress is not None:
+                progress(len(completions))
+            yield from completions
 
     def _sample_prompt(self, ex: TokenizedExample, settings: SamplingSettings) -> Iterator[Completion]:
         import torch

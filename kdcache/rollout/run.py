@@ -24,9 +24,7 @@ import itertools
 import json
 import math
 import shutil
-import sys
 import tempfile
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,6 +35,7 @@ from kdcache import __version__
 from kdcache.cache import run_dir
 from kdcache.cache.storage import Store, is_url, open_store
 from kdcache.errors import KdcacheError, first_line
+from kdcache.progress import RowProgress
 from kdcache.rollout import rows as layout
 from kdcache.rollout.engine import Completion, RolloutEngine, SamplingSettings
 
@@ -321,7 +320,8 @@ def run_rollout(cfg: RolloutConfig, engine: RolloutEngine | None = None) -> dict
     todo = [i for i in range(n_shards) if i % cfg.num_workers == cfg.worker_index and load_record(out, i) is None]
 
     own_engine, merged_tmp = engine is None, None
-    bar = _progress(sum(min(cfg.shard_size, total - i * cfg.shard_size) for i in todo), cfg.progress)
+    todo_samples = sampling.samples_per_prompt * sum(min(cfg.shard_size, total - i * cfg.shard_size) for i in todo)
+    bar: RowProgress | None = None
     try:
         rows = itertools.takewhile(lambda item: item[0] < total, dataset.rows())
         for index, shard_rows in run_dir.shards_of_rows(rows, cfg.shard_size):
@@ -338,14 +338,13 @@ def run_rollout(cfg: RolloutConfig, engine: RolloutEngine | None = None) -> dict
                 model_dir, merged_tmp = merged_student(student, tokenizer)
                 engine = make_engine(cfg.backend, resolve_local(model_dir), dtype=cfg.dtype,
                                      **_engine_options(cfg, model_dir))
+            if bar is None:  # rate and ETA count from here, not from the model's load
+                bar = RowProgress(todo_samples, cfg.progress, unit="sample")
             claim_engine(out, {"backend": engine.name, "dtype": str(engine.dtype), "version": engine.engine_version()})
             references = {seq_id: reference_text(row, data_format) if isinstance(row, dict) else None
                           for seq_id, _, row in shard_rows}
-            completions = []
-            for completion in engine.sample(examples, sampling):
-                completions.append(completion)
-                bar.update(int(completion.sample_index == sampling.samples_per_prompt - 1), completion.num_tokens)
-            bar.update(len(skipped), 0)
+            completions = list(engine.sample(examples, sampling, progress=bar.finished))
+            bar.update(len(skipped) * sampling.samples_per_prompt, sum(c.num_tokens for c in completions))
             columns = completion_rows(completions, tokenizer, references, tokenizer_key)
             stats = {"prompts": len(shard_rows), "rows": len(completions),
                      "response_tokens": int(sum(c.num_tokens for c in completions)),
@@ -353,7 +352,8 @@ def run_rollout(cfg: RolloutConfig, engine: RolloutEngine | None = None) -> dict
             run_dir.check_claim(out, layout.RUN_NAME, settings_hash, "rollout")
             write_shard(out, index, encode_shard(columns, cfg.output_format), cfg.output_format, stats)
     finally:
-        bar.close()
+        if bar is not None:
+            bar.close()
         if own_engine and engine is not None:
             engine.close()
         if merged_tmp is not None:
@@ -418,12 +418,9 @@ def finalize(out: str | Path | Store) -> dict | None:
 
 def _engine_options(cfg: RolloutConfig, model_dir: Path) -> dict:
     """vLLM options; the context defaults to ``--max-length`` (prompt + response), capped at the model's."""
-    from kdcache.teacher.loading import read_config
+    from kdcache.teacher.loading import context_length, read_config
 
-    config = read_config(model_dir)
-    config = config.get("text_config") or config
-    context = next((v for k in ("max_position_embeddings", "n_positions", "max_seq_len")
-                    if isinstance(v := config.get(k), int)), None)
+    context = context_length(read_config(model_dir))
     options = {
         "quantization": cfg.quantization,
         "tensor_parallel_size": cfg.tensor_parallel_size,
@@ -435,21 +432,3 @@ def _engine_options(cfg: RolloutConfig, model_dir: Path) -> dict:
     }
     options.update(cfg.engine_options)
     return options
-
-
-class _progress:
-    """tqdm over prompts with sampled tokens/s in the postfix."""
-
-    def __init__(self, total: int, enabled: bool) -> None:
-        from tqdm.auto import tqdm
-
-        self.bar = tqdm(total=total, unit="prompt", disable=not enabled, dynamic_ncols=True, file=sys.stderr)
-        self.tokens, self.start = 0, time.perf_counter()
-
-    def update(self, prompts: int, tokens: int) -> None:
-        self.tokens += tokens
-        self.bar.set_postfix_str(f"{self.tokens / max(time.perf_counter() - self.start, 1e-9):,.0f} tok/s", refresh=False)
-        self.bar.update(prompts)
-
-    def close(self) -> None:
-        self.bar.close()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import abc
 from dataclasses import dataclass
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 from kdcache.cache.records import TeacherScores
 from kdcache.data.example import TokenizedExample
@@ -47,8 +47,12 @@ class TeacherBackend(abc.ABC):
         """Manifest ``teacher`` entry: path/id, revision or config hash, dtype, quantization."""
 
     @abc.abstractmethod
-    def score(self, examples: Sequence[TokenizedExample], settings: ScoringSettings) -> Iterator[TeacherScores]:
-        """Teacher-forced scoring; yields one result per example, in input order."""
+    def score(self, examples: Sequence[TokenizedExample], settings: ScoringSettings,
+              progress: Callable[[int], None] | None = None) -> Iterator[TeacherScores]:
+        """Teacher-forced scoring; yields one result per example, in input order.
+
+        ``progress(n)`` is called as ``n`` more examples finish scoring (a live progress bar
+        while a whole shard is in the engine at once)."""
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release the model (GPU memory, engine processes)."""

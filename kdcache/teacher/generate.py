@@ -19,7 +19,6 @@ import os
 import queue
 import sys
 import threading
-import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -34,6 +33,7 @@ from kdcache.cache.records import scores_problem
 from kdcache.cache.storage import Store, open_store
 from kdcache.cache.writer import ShardRecord, finished_shards, load_shard_record, write_shard
 from kdcache.errors import KdcacheError, first_line
+from kdcache.progress import RowProgress
 from kdcache.teacher.base import ScoringSettings
 from kdcache.teacher.launcher import resolve_workers
 from kdcache.teacher.statistics import DRAW_SCHEMES
@@ -402,27 +402,6 @@ class _Prefetch:
                 pass
 
 
-class _Progress:
-    """tqdm over rows with supervised tokens/s in the postfix (tqdm's ETA is by rows)."""
-
-    def __init__(self, total_rows: int, enabled: bool, label: str | None = None) -> None:
-        from tqdm.auto import tqdm
-
-        self.bar = tqdm(total=total_rows, unit="row", disable=not enabled, dynamic_ncols=True, file=sys.stderr,
-                        desc=label)
-        self.tokens = 0
-        self.start = time.perf_counter()
-
-    def update(self, rows: int, tokens: int) -> None:
-        self.tokens += tokens
-        elapsed = max(time.perf_counter() - self.start, 1e-9)
-        self.bar.set_postfix_str(f"{self.tokens / elapsed:,.0f} tok/s", refresh=False)
-        self.bar.update(rows)
-
-    def close(self) -> None:
-        self.bar.close()
-
-
 GENERATIONS_DIR = "generations"
 
 
@@ -460,9 +439,10 @@ def generate_responses(cfg: GenerateConfig, out: Store, teacher, shards: Iterato
                 options = {k: v for k, v in _engine_options(cfg, extra_positions).items() if v is not None}
                 engine = make_engine(cfg.backend, teacher, dtype=cfg.dtype, **options)
                 engine_name = engine.name
-                progress = _Progress(todo_rows, cfg.progress, "generating")
-            responses = {str(c.seq_id): c.response_ids.tolist() for c in engine.sample(examples, sampling)}
-            progress.update(len(examples) + len(skipped), sum(len(r) for r in responses.values()))
+                progress = RowProgress(todo_rows, cfg.progress, label="generating")
+            responses = {str(c.seq_id): c.response_ids.tolist()
+                         for c in engine.sample(examples, sampling, progress=progress.finished)}
+            progress.update(len(skipped), sum(len(r) for r in responses.values()))
             out.write_json(key, {"engine": engine.name, "sampling": sampling.to_json(), "responses": responses})
     finally:
         if progress is not None:
@@ -565,7 +545,7 @@ def generate_teacher_cache(cfg: GenerateConfig) -> dict | None:
     generator = None
     if cfg.mode == "generate":  # phase 1: the teacher writes the responses (its own engine, freed after)
         generator = generate_responses(cfg, out, teacher, prepared_shards(), todo_rows, extra_positions)
-    progress: _Progress | None = None
+    progress: RowProgress | None = None
     shards = prepared_shards()
     writer: ThreadPoolExecutor | None = None
     writing: Future | None = None  # the previous shard's write, running while this one is scored
@@ -586,22 +566,22 @@ def generate_teacher_cache(cfg: GenerateConfig) -> dict | None:
             scorer = {k: str(teacher_info[k]) for k in scorer_keys}
             claim_scorer(out, scorer)
             # Rate and ETA count from here: the model's load is not scoring time.
-            progress = _Progress(todo_rows, cfg.progress)
+            progress = RowProgress(todo_rows, cfg.progress)
             if cfg.overlap:
                 shards = _Prefetch(shards)
                 writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kdcache-writer")
             for index, examples, skipped in itertools.chain([first], shards):
                 if cfg.mode == "generate":  # phase 2: score prompt + response, the response supervised
                     examples = with_responses(examples, load_responses(out, index))
-                stream = backend.score(examples, scoring)
+                # rows move the bar as the engine finishes them; tokens/s once the shard is back
+                stream = backend.score(examples, scoring, progress=progress.finished)
                 results = []
                 for ex, result in zip(examples, stream):
                     if (problem := scores_problem(result)) is not None:
                         raise KdcacheError(problem)
                     result.rollout_logprobs = ex.rollout_logprobs  # rollout rows: the sampling policy's log-probs
                     results.append(result)
-                    progress.update(1, result.num_targets)
-                progress.update(len(skipped), 0)
+                progress.update(len(skipped), sum(r.num_targets for r in results))
                 check_claim(out, settings_hash, scorer)
                 if writer is None:
                     write_shard(out, index, results, cfg.top_k, skipped=skipped, zstd_level=cfg.zstd_level)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 
 from kdcache.cache.records import TeacherScores
@@ -127,8 +127,10 @@ class HFBackend(TeacherBackend):
         )
         return desc
 
-    def score(self, examples: Sequence[TokenizedExample], settings: ScoringSettings) -> Iterator[TeacherScores]:
-        """Teacher-forced scoring; yields one result per example, in input order."""
+    def score(self, examples: Sequence[TokenizedExample], settings: ScoringSettings,
+              progress: Callable[[int], None] | None = None) -> Iterator[TeacherScores]:
+        """Teacher-forced scoring; yields one result per example, in input order (``progress``:
+        see :meth:`kdcache.teacher.base.TeacherBackend.score`)."""
         import torch
 
         validate_request(examples, settings, self.vocab_size, self.model_vocab_rows)
@@ -139,6 +141,8 @@ class HFBackend(TeacherBackend):
             for batch in self._batches([examples[i] for i in order], order, spec):
                 for idx, scores in batch:
                     results[idx] = scores
+                if progress is not None:
+                    progress(len(batch))
         for i in range(len(examples)):
             yield results[i]
 

@@ -28,13 +28,14 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
 from kdcache.cache.records import TeacherScores
 from kdcache.data.example import TokenizedExample
 from kdcache.errors import KdcacheError, first_line
+from kdcache.progress import EngineProgress
 from kdcache.teacher.base import ScoringSettings
 from kdcache.teacher.loading import ResolvedTeacher
 from kdcache.teacher.sampling import validate_request
@@ -131,8 +132,10 @@ class VLLMBackend(VLLMEngineBackend):
 
     # ------------------------------------------------------------------ API
 
-    def score(self, examples: Sequence[TokenizedExample], settings: ScoringSettings) -> Iterator[TeacherScores]:
-        """Teacher-forced scoring of ``examples`` in one engine call; one result per example, in order."""
+    def score(self, examples: Sequence[TokenizedExample], settings: ScoringSettings,
+              progress: Callable[[int], None] | None = None) -> Iterator[TeacherScores]:
+        """Teacher-forced scoring of ``examples`` in one engine call; one result per example, in
+        order. ``progress(1)`` is called as each request finishes inside the engine call."""
         from vllm.inputs import TokensPrompt
 
         validate_request(examples, settings, self.vocab_size)
@@ -145,7 +148,7 @@ class VLLMBackend(VLLMEngineBackend):
             last = int(ex.target_positions[-1])
             prompts.append(TokensPrompt(prompt_token_ids=ex.input_ids[: last + 1].tolist()))
             params.append(self._params(ex.seq_id, ex.target_positions, spec))
-        outs = self._encode(prompts, params)
+        outs = self._encode(prompts, params, progress)
         for ex, out in zip(examples, outs):
             yield scores_from_statistics(ex.seq_id, ex.source, ex.input_ids, ex.target_positions,
                                          out.outputs.data.numpy(), spec)
@@ -161,10 +164,11 @@ class VLLMBackend(VLLMEngineBackend):
                    "chunk_bytes": self.stats_chunk_bytes}
         return PoolingParams(task="token_classify", extra_kwargs={REQUEST_KEY: request})
 
-    def _encode(self, prompts: list, params: list) -> list:
+    def _encode(self, prompts: list, params: list, progress: Callable[[int], None] | None = None) -> list:
         if not prompts:
             return []
-        return self._llm.encode(prompts, pooling_params=params, pooling_task="token_classify", use_tqdm=False)
+        return self._llm.encode(prompts, pooling_params=params, pooling_task="token_classify",
+                                use_tqdm=EngineProgress.factory(progress))
 
     def _probe(self) -> None:
         """Score one position once: an engine can start and still fail at its first forward
@@ -189,3 +193,4 @@ class VLLMBackend(VLLMEngineBackend):
         if needed > self.max_model_len:
             raise KdcacheError(f"{ex.source}: {needed} tokens exceed the engine's max_model_len {self.max_model_len} "
                                "(lower --max-length or raise --max-model-len)")
+

@@ -34,7 +34,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -129,8 +129,10 @@ class VLLMPromptLogprobsBackend(VLLMEngineBackend):
 
     # ------------------------------------------------------------------ API
 
-    def score(self, examples: Sequence[TokenizedExample], settings: ScoringSettings) -> Iterator[TeacherScores]:
-        """Teacher-forced scoring; yields one ``TeacherScores`` per example, in input order.
+    def score(self, examples: Sequence[TokenizedExample], settings: ScoringSettings,
+              progress: Callable[[int], None] | None = None) -> Iterator[TeacherScores]:
+        """Teacher-forced scoring; yields one ``TeacherScores`` per example, in input order
+        (``progress`` is called once per engine call).
 
         Examples go to the engine in as few ``llm.generate`` calls as ``max_logprob_entries``
         allows (vLLM holds every request's log-prob lists until a call returns).
@@ -149,6 +151,8 @@ class VLLMPromptLogprobsBackend(VLLMEngineBackend):
             if requested == -1:
                 with _prompt_logprobs_as_arrays():
                     outs = self._prompt_logprobs(group, requested)
+                if progress is not None:
+                    progress(len(group))
                 for ex, out in zip(group, outs):
                     yield self._full_vocab_scores(ex, out.prompt_logprobs, settings)
                 continue
@@ -160,6 +164,8 @@ class VLLMPromptLogprobsBackend(VLLMEngineBackend):
                 again = self._prompt_logprobs([group[i] for i in retry], k + self.num_padded)
                 for i, out in zip(retry, again):
                     results[i] = self._topk_scores(group[i], out.prompt_logprobs, k)
+            if progress is not None:
+                progress(len(group))
             yield from results  # type: ignore[misc]
 
     def _probe(self) -> None:
