@@ -233,3 +233,17 @@ def test_bad_specs_are_refused():
         spec(top_k=0, sample_tail=True)
     with pytest.raises(ValueError, match="unknown draw scheme"):
         spec(draws="stratified")
+
+
+def test_a_point_at_the_top_of_the_cdf_never_lands_on_zero_weight():
+    """Rounding can make ``x * total`` equal the total; the draw is then the last id with weight,
+    also when the last blocks hold none (excluded or underflowed ids)."""
+    from kdcache.teacher.statistics import _block_sums, _inverse_cdf
+
+    weights = torch.zeros(2, 1000)
+    weights[0, :300] = torch.rand(300) + 0.1
+    weights[1, 700] = 1.0
+    points = torch.tensor([[1 - 2.0 ** -53, 0.5], [1 - 2.0 ** -53, 0.0]], dtype=torch.float64)
+    ids = _inverse_cdf(weights, _block_sums(weights), points)
+    assert (weights.gather(1, ids) > 0).all(), ids
+    assert ids[0, 0] == 299 and ids[1].tolist() == [700, 700]

@@ -215,7 +215,9 @@ def _inverse_cdf(weights: Tensor, block_sums: Tensor, points: Tensor) -> Tensor:
     block_cdf = block_sums.cumsum(dim=-1)  # [R, B]
     total = block_cdf[:, -1:]
     target = points * total
-    block = torch.searchsorted(block_cdf, target, right=True).clamp_(max=block_cdf.shape[1] - 1)  # [R, N]
+    # A point rounded up to the total belongs to the last block that has any weight.
+    last_block = block_cdf.shape[1] - 1 - (block_sums > 0).flip(-1).to(torch.int8).argmax(dim=-1, keepdim=True)
+    block = torch.minimum(torch.searchsorted(block_cdf, target, right=True), last_block)  # [R, N]
     before = torch.where(block > 0, block_cdf.gather(1, (block - 1).clamp(min=0)), torch.zeros_like(target))
     columns = block[..., None] * CDF_BLOCK + torch.arange(CDF_BLOCK, device=weights.device)  # [R, N, CDF_BLOCK]
     inside = weights.gather(1, columns.clamp(max=vocab - 1).flatten(1)).view(columns.shape).to(torch.float64)
