@@ -35,7 +35,7 @@ from typing import Any
 
 import torch
 
-from kdcache.teacher.statistics import StatsSpec, rows_per_chunk, statistics_in_chunks
+from kdcache.teacher.statistics import DEFAULT_CHUNK_BYTES, StatsSpec, rows_per_chunk, statistics_in_chunks
 
 #: Suffix of the architecture names this plugin registers.
 STATS_SUFFIX = "KdcacheStats"
@@ -123,37 +123,52 @@ class StatsPooler(_pooler_base()):  # type: ignore[misc]
         return PoolingParamsUpdate(requires_token_ids=True)  # the targets' log-probs need the ids
 
     def forward(self, hidden_states: torch.Tensor, pooling_metadata) -> list[torch.Tensor | None]:  # noqa: ANN001
+        """Statistics of every request whose prompt finished in this step, computed together
+        (requests with the same settings share the chunks of rows), split back per request."""
         pooled = self.collect(hidden_states, pooling_metadata)
         token_ids = pooling_metadata.get_prompt_token_ids_cpu()
-        params = pooling_metadata.pooling_params
-        return [None if hs is None else self._request_stats(hs, ids, p)
-                for hs, ids, p in zip(pooled, token_ids, params)]
+        outputs: list[torch.Tensor | None] = [None] * len(pooled)
+        groups: dict[tuple[StatsSpec, int | None], list[tuple[int, torch.Tensor, torch.Tensor, int]]] = {}
+        for i, (hidden, ids, params) in enumerate(zip(pooled, token_ids, pooling_metadata.pooling_params)):
+            if hidden is None:  # prefill still in progress
+                continue
+            spec, chunk_bytes, positions, seq_id = self._request(params, int(ids.shape[0]), hidden.shape[0])
+            groups.setdefault((spec, chunk_bytes), []).append((i, positions, ids, seq_id))
+        for (spec, chunk_bytes), items in groups.items():
+            device = pooled[items[0][0]].device
+            rows = torch.cat([pooled[i].index_select(0, (pos - 1).to(device)) for i, pos, _, _ in items])
+            targets = torch.cat([ids.to(torch.int64)[pos] for _, pos, ids, _ in items]).to(device)
+            positions = torch.cat([pos for _, pos, _, _ in items]).to(device)
+            seq_ids = torch.cat([torch.full_like(pos, seq_id) for _, pos, _, seq_id in items]).to(device)
+            block = statistics_in_chunks(self._head(spec), rows, targets, seq_ids, positions, spec,
+                                         rows_per_chunk(self._logit_rows(spec), chunk_bytes or DEFAULT_CHUNK_BYTES))
+            for (i, _, _, _), part in zip(items, block.split([len(pos) for _, pos, _, _ in items])):
+                outputs[i] = part
+        return outputs
 
-    def _request_stats(self, hidden: torch.Tensor, token_ids: torch.Tensor, params) -> torch.Tensor:  # noqa: ANN001
-        model = self._model[0]
-        vocab = int(model.config.vocab_size) if hasattr(model, "config") else hidden.shape[-1]
+    def _request(self, params, num_tokens: int, hidden_rows: int) -> tuple[StatsSpec, int | None, torch.Tensor, int]:  # noqa: ANN001
+        """``(spec, chunk bytes, target positions, seq_id)`` of a request; vLLM's warm-up and
+        profiling requests carry no kdcache settings and get every position under :data:`PROFILE_SPEC`."""
         request = (params.extra_kwargs or {}).get(REQUEST_KEY)
-        num_tokens = int(token_ids.shape[0])
         if request is None:
-            spec = StatsSpec(vocab_size=vocab, **PROFILE_SPEC)
-            positions = torch.arange(1, max(2, num_tokens), dtype=torch.int64)[: max(0, hidden.shape[0])]
-            seq_id, chunk_bytes = 0, None
-        else:
-            spec = StatsSpec(**request["spec"])
-            positions = torch.cat([torch.arange(a, b, dtype=torch.int64) for a, b in request["spans"]])
-            seq_id, chunk_bytes = int(request["seq_id"]), request.get("chunk_bytes")
-        positions = positions[positions <= min(hidden.shape[0], num_tokens - 1)]
-        device = hidden.device
-        targets = token_ids.to(torch.int64)[positions].to(device)
-        rows = hidden.index_select(0, (positions - 1).to(device))
-        positions = positions.to(device)
-        seq_ids = torch.full_like(positions, seq_id)
-        logits_rows = int(getattr(getattr(model, "logits_processor", None), "vocab_size", 0) or spec.vocab_size)
-        chunk = rows_per_chunk(logits_rows, chunk_bytes) if chunk_bytes else rows_per_chunk(logits_rows)
-        def head(h: torch.Tensor) -> torch.Tensor:
-            logits = model.compute_logits(h)
+            model = self._model[0]
+            vocab = int(getattr(getattr(model, "config", None), "vocab_size", 0) or self._logit_rows(None))
+            positions = torch.arange(1, max(1, min(num_tokens, hidden_rows)), dtype=torch.int64)
+            return StatsSpec(vocab_size=vocab, **PROFILE_SPEC), None, positions, 0
+        positions = torch.cat([torch.arange(a, b, dtype=torch.int64) for a, b in request["spans"]])
+        return StatsSpec(**request["spec"]), request.get("chunk_bytes"), positions, int(request["seq_id"])
+
+    def _logit_rows(self, spec: StatsSpec | None) -> int:
+        processor = getattr(self._model[0], "logits_processor", None)
+        return int(getattr(processor, "vocab_size", 0) or (spec.vocab_size if spec else 0) or 1)
+
+    def _head(self, spec: StatsSpec):  # noqa: ANN202 - Callable[[Tensor], Tensor]
+        model = self._model[0]
+
+        def head(hidden: torch.Tensor) -> torch.Tensor:
+            logits = model.compute_logits(hidden)
             if logits is None:  # a tensor-parallel rank that does not hold the gathered logits
-                return torch.zeros((h.shape[0], spec.vocab_size), dtype=torch.float32, device=h.device)
+                return torch.zeros((hidden.shape[0], spec.vocab_size), dtype=torch.float32, device=hidden.device)
             return logits
 
-        return statistics_in_chunks(head, rows, targets, seq_ids, positions, spec, chunk)
+        return head
