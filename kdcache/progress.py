@@ -46,8 +46,18 @@ class EngineProgress:
 
     @classmethod
     def factory(cls, callback):  # noqa: ANN001, ANN206
-        """``use_tqdm`` for vLLM: False without a callback."""
-        return (lambda *args, **kwargs: cls(callback)) if callback is not None else False
+        """``use_tqdm`` for vLLM: False without a callback.
+
+        vLLM calls it two ways: ``use_tqdm(prompts, desc=...)`` wraps the prompts it renders
+        (returned unchanged: rendering is not what the bar counts) and
+        ``use_tqdm(total=..., desc=...)`` opens the bar of finished requests."""
+        if callback is None:
+            return False
+
+        def use_tqdm(iterable=None, **kwargs):  # noqa: ANN001, ANN202, ARG001
+            return iterable if iterable is not None else cls(callback)
+
+        return use_tqdm
 
     def update(self, n: int = 1) -> None:
         self.n += n

@@ -48,6 +48,32 @@ def _content(cache: Path) -> list[tuple]:
     return out
 
 
+def descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (from /proc)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry.name))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def alive(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie, dead but not yet reaped, does not count)."""
+    try:
+        return (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
 def _run_cli(*args: str, env: dict | None = None, **kw) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "kdcache", *args], capture_output=True, text=True,
                           env={**os.environ, **(env or {})}, **kw)
@@ -368,10 +394,17 @@ def test_smollm2_gguf_default_mode_through_vllm(tmp_path):
     while time.time() < deadline and proc.poll() is None and not list((out / "shards").glob("part-*.json")):
         time.sleep(0.02)
     assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
+    engine = descendants(proc.pid)
+    assert engine, "vLLM's engine runs in processes of its own"
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     first = len(list((out / "shards").glob("part-*.json")))
     assert first < 4 and not (out / "manifest.json").exists(), "the kill should land mid-run"
+    # the engine's processes go down with it (they would otherwise keep the model's memory)
+    deadline = time.time() + 60
+    while time.time() < deadline and any(alive(pid) for pid in engine):
+        time.sleep(0.2)
+    assert not any(alive(pid) for pid in engine), [pid for pid in engine if alive(pid)]
     vllm_run = _run_cli(*args, env={"VLLM_CPU_KVCACHE_SPACE": "1"}, timeout=900)
     assert vllm_run.returncode == 0, vllm_run.stderr[-3000:]
     assert "bytes / token" in vllm_run.stdout

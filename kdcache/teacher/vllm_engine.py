@@ -101,6 +101,35 @@ def engine_options(
     return {k: v for k, v in options.items() if v is not None}
 
 
+#: Set by a kdcache process before it starts a vLLM engine: its pid.
+OWNER_ENV = "KDCACHE_ENGINE_OWNER"
+
+
+def die_with_parent() -> None:
+    """In an engine process of a kdcache-started vLLM (``$KDCACHE_ENGINE_OWNER`` set, and this
+    is not that process): ask Linux to kill this process when its parent dies.
+
+    vLLM's engine core and workers outlive a ``kill -9`` of the process that started them and
+    keep holding the model's memory (GPU memory on a GPU), so the rerun that resumes the cache
+    would not fit. Called from kdcache's vLLM plugin entry point, which vLLM loads in every
+    engine process; the chain (kdcache -> engine core -> workers) then goes down together.
+    """
+    import ctypes
+    import signal
+    import sys
+
+    owner = os.environ.get(OWNER_ENV)
+    if not owner or str(os.getpid()) == owner or not sys.platform.startswith("linux"):
+        return
+    try:
+        pr_set_pdeathsig = 1
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL, 0, 0, 0)
+    except (OSError, AttributeError):  # no libc prctl: nothing to set
+        return
+    if os.getppid() == 1:  # the parent died before the request took effect
+        os._exit(1)
+
+
 def engine_setup(model: Any, dtype: str, quantization: str | None = None, **options: Any) -> tuple[Any, str, Any, dict]:
     """What a vLLM engine of kdcache's starts from: ``(resolved model, dtype to load, its
     tokenizer, vllm.LLM options)``; ``dtype="auto"`` is float32 on a CPU without native bf16
@@ -111,6 +140,7 @@ def engine_setup(model: Any, dtype: str, quantization: str | None = None, **opti
     from kdcache.teacher.loading import ResolvedTeacher, resolve_dtype, resolve_local
 
     resolved = model if isinstance(model, ResolvedTeacher) else resolve_local(model)
+    os.environ[OWNER_ENV] = str(os.getpid())  # engine processes die with this one (die_with_parent)
     on_cpu = current_platform.is_cpu()
     dtype = resolve_dtype(dtype, on_cpu, quantization or resolved.quantization)
     tokenizer = AutoTokenizer.from_pretrained(str(resolved.path))

@@ -50,9 +50,14 @@ PROFILE_SPEC = {"top_k": 8, "num_samples": 8, "sample_tail": True, "draws": "sys
 def register() -> None:
     """``vllm.general_plugins`` entry point: register the wrappers kdcache asked for.
 
-    Does nothing unless ``$KDCACHE_VLLM_ARCHITECTURES`` is set, so an unrelated vLLM process
-    on a machine with kdcache installed is left alone.
+    Does nothing unless kdcache started the engine (``$KDCACHE_ENGINE_OWNER``: the engine's
+    processes then die with it, :func:`kdcache.teacher.vllm_engine.die_with_parent`; and
+    ``$KDCACHE_VLLM_ARCHITECTURES``: the wrappers), so an unrelated vLLM process on a machine
+    with kdcache installed is left alone.
     """
+    from kdcache.teacher.vllm_engine import die_with_parent
+
+    die_with_parent()
     wanted = [a.strip() for a in os.environ.get(ARCHITECTURES_ENV, "").split(",") if a.strip()]
     if not wanted:
         return
