@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import click
 
+from kdcache.config import apply_config
 from kdcache.rollout.run import RolloutConfig, run_rollout
 
 
@@ -61,7 +62,14 @@ def sampling_options(func, samples_default: int = 4):
     return func
 
 
+def _load_config(ctx: click.Context, _param: click.Parameter, value: str | None) -> str | None:
+    apply_config(ctx, ctx.command, value)
+    return value
+
+
 @click.command("rollout")
+@click.option("--config", type=click.Path(dir_okay=False), callback=_load_config, is_eager=True, expose_value=False,
+              help="Pipeline YAML; its `rollout:` section supplies defaults for these flags.")
 @click.option("--student", required=True,
               help="Model that samples: an HF directory (e.g. run/model), or a LoRA adapter directory (merged into its "
                    "base in a temporary directory first).")
