@@ -30,6 +30,9 @@ def engine_options(func):
                      help="vLLM share of GPU memory [default: 0.85 on GPU, 0.3 on CPU]."),
         click.option("--max-model-len", type=int, default=None,
                      help="vLLM context length (default: --max-length, capped at the model's)."),
+        click.option("--max-num-batched-tokens", type=int, default=None,
+                     help="vLLM tokens per scheduler step (on CPU, vLLM 0.32 fails on seeded samples whose prompt is "
+                          "split over steps: make it at least the prompts' total tokens)."),
         click.option("--enforce-eager/--no-enforce-eager", default=None,
                      help="vLLM: skip graph compilation [default: on for CPU, off for GPU]."),
     ]
