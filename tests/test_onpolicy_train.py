@@ -216,10 +216,15 @@ def test_sampled_rkl_first_step_is_the_rollouts_reverse_kl(student_dir, on_cache
     """Trained from the student that sampled the cache, the first step's importance weights are 1
     (up to the cache's quantization): nothing is clipped, and its rkl metric and loss are the
     teacher-scored reverse KL of the rollout, mean(log mu - log p); later steps move off-policy."""
+    from kdcache.student.evaluate import evaluate_model
+    from kdcache.student.losses import KDLossConfig
     from kdcache.student.train import train_student
 
     seqs = list(CacheReader(on_cache).iter_sequences())
     want = float(np.mean(np.concatenate([s.rollout_logprobs.astype(np.float64) - s.target_logprobs for s in seqs])))
+    # `kdcache eval --loss sampled_rkl` of the sampler itself: the same value
+    assert evaluate_model(str(student_dir), str(on_cache), device="cpu",
+                          loss_config=KDLossConfig("sampled_rkl"))["loss"] == pytest.approx(want, abs=3e-3)
     out = tmp_path / "run"
     summary = train_student(on_config(student_dir, on_cache, out, global_batch_size=len(seqs), max_steps=3, lr=1e-2))
     first, *rest = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
