@@ -34,6 +34,9 @@ def _register() -> None:
     from kdcache.cli.eval_generate_cmd import with_generate
 
     cli.add_command(with_generate(train_cmds.eval_cmd))  # `eval --generate`: evaluation on generations
+    from kdcache.cli.onpolicy_cmd import onpolicy
+
+    cli.add_command(onpolicy)  # rounds of rollout, scoring and training
 
 
 _register()

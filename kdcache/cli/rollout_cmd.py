@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import click
 
+from kdcache.config import apply_config
 from kdcache.rollout.run import RolloutConfig, run_rollout
 
 
@@ -29,6 +30,9 @@ def engine_options(func):
                      help="vLLM share of GPU memory [default: 0.85 on GPU, 0.3 on CPU]."),
         click.option("--max-model-len", type=int, default=None,
                      help="vLLM context length (default: --max-length, capped at the model's)."),
+        click.option("--max-num-batched-tokens", type=int, default=None,
+                     help="vLLM tokens per scheduler step (on CPU, vLLM 0.32 fails on seeded samples whose prompt is "
+                          "split over steps: make it at least the prompts' total tokens)."),
         click.option("--enforce-eager/--no-enforce-eager", default=None,
                      help="vLLM: skip graph compilation [default: on for CPU, off for GPU]."),
     ]
@@ -61,7 +65,14 @@ def sampling_options(func, samples_default: int = 4):
     return func
 
 
+def _load_config(ctx: click.Context, _param: click.Parameter, value: str | None) -> str | None:
+    apply_config(ctx, ctx.command, value)
+    return value
+
+
 @click.command("rollout")
+@click.option("--config", type=click.Path(dir_okay=False), callback=_load_config, is_eager=True, expose_value=False,
+              help="Pipeline YAML; its `rollout:` section supplies defaults for these flags.")
 @click.option("--student", required=True,
               help="Model that samples: an HF directory (e.g. run/model), or a LoRA adapter directory (merged into its "
                    "base in a temporary directory first).")

@@ -11,7 +11,21 @@ import click
 from kdcache.cli.output import verbose_option
 from kdcache.cli.types import CACHE
 from kdcache.config import apply_config, load_section
-from kdcache.student.losses import LOSS_NAMES
+from kdcache.student.losses import ALL_LOSS_NAMES
+
+
+class ClipRatio(click.ParamType):
+    """A positive float, or ``none`` (no clipping)."""
+
+    name = "FLOAT|none"
+
+    def convert(self, value, param, ctx):  # noqa: ANN001 - click's signature
+        if value is None or (isinstance(value, str) and value.strip().lower() in ("none", "null", "off")):
+            return None
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            self.fail(f"{value!r} is neither a number nor none", param, ctx)
 
 
 def _load_train_config(ctx: click.Context, _param: click.Parameter, value: str | None) -> str | None:
@@ -38,17 +52,22 @@ def _quiet_transformers() -> None:
 
 def _loss_options(func):
     options = [
-        click.option("--loss", type=click.Choice(["auto", *LOSS_NAMES]), default="auto", show_default=True,
+        click.option("--loss", type=click.Choice(["auto", *ALL_LOSS_NAMES]), default="auto", show_default=True,
                      help="KD loss: auto (rs_kd for a cache of samples only, tail_rs for a --sampling tail cache, else tail), "
                           "tail (= forward KL on top-k + tail bucket), forward_kl, reverse_kl, jsd, skew_forward, "
                           "skew_reverse, tv, akl, topk_renorm (biased, for comparison), rs_kd (needs a --sampling random "
-                          "cache), tail_rs (exact top-k + tail bucket, the tail's shape from a --sampling tail cache)."),
+                          "cache), tail_rs (exact top-k + tail bucket, the tail's shape from a --sampling tail cache), "
+                          "sampled_rkl (on-policy: the sampled-token reverse KL with importance weights; needs a cache of "
+                          "`kdcache rollout` samples)."),
         click.option("--temperature", type=float, default=1.0, show_default=True, help="Distillation temperature (KD term x T^2); tail_rs and rs_kd (the default losses of sampling caches) need 1."),
         click.option("--jsd-beta", type=float, default=0.5, show_default=True, help="--loss jsd: mixture weight (0 = forward KL, 1 = reverse KL)."),
         click.option("--skew-alpha", type=float, default=0.1, show_default=True, help="--loss skew_forward/skew_reverse: skew in [0, 1)."),
         click.option("--akl-mu", type=float, default=0.5, show_default=True, help="--loss akl: head/tail threshold on cumulative teacher mass."),
         click.option("--ce-weight", type=float, default=0.0, show_default=True,
                      help="Mix in CE on gold tokens: loss = (1 - w) * KD + w * CE (torchtune's kd_ratio = 1 - w)."),
+        click.option("--clip-ratio", type=ClipRatio(), default=0.2, show_default=True,
+                     help="--loss sampled_rkl: PPO clip of the importance weight q/mu to [1 - c, 1 + c]; none = plain "
+                          "importance sampling."),
     ]
     for option in reversed(options):
         func = option(func)
@@ -85,7 +104,17 @@ def _runtime_options(func, dtype_help: str = "Weight dtype: auto (float32 master
 @click.option("--eval-every", type=int, default=0, show_default=True, help="Evaluate every N steps (0: only at the end).")
 @click.option("--eval-sequences", type=int, default=None, help="Evaluate on the first N sequences of --eval-cache only.")
 @_loss_options
-@click.option("--epochs", type=int, default=1, show_default=True, help="Passes over the cache (ignored with --max-steps).")
+@click.option("--mix-cache", type=click.Path(file_okay=False), default=None,
+              help="A second training cache (e.g. fixed data next to a --cache of student samples); each global batch "
+                   "takes the share --lmbda from --cache and the rest from here.")
+@click.option("--lmbda", type=float, default=None,
+              help="With --mix-cache: share of each global batch drawn from --cache, in (0, 1) (GKD's lambda when "
+                   "--cache holds the student's samples): round(lmbda * --global-batch-size) sequences.")
+@click.option("--mix-loss", type=click.Choice(["auto", *ALL_LOSS_NAMES]), default="auto", show_default=True,
+              help="Loss on the --mix-cache sequences (auto: from that cache, as for --loss); the loss options are shared.")
+@click.option("--allow-mixed-rounds", is_flag=True,
+              help="Train on caches of samples from different rollout rounds or students (refused by default).")
+@click.option("--epochs", type=int, default=1, show_default=True, help="Passes over --cache (ignored with --max-steps).")
 @click.option("--max-steps", type=int, default=None, help="Optimizer steps to run (overrides --epochs).")
 @click.option("--global-batch-size", type=int, default=32, show_default=True, help="Sequences per optimizer step over all ranks (each rank packs its share into micro-batches and accumulates).")
 @click.option("--lr", type=float, default=None, help="Peak learning rate  [default: 2e-4 with LoRA, 2e-5 full fine-tuning]")
@@ -141,7 +170,8 @@ def train_student(**options) -> None:
     best = ""
     if summary.get("best_step") is not None:
         best = f"; best eval {summary['best_metric']} {summary['best_value']:.4f} at step {summary['best_step']}"
-    click.echo(f"trained {summary['steps']} steps with --loss {summary['loss']} on {summary['supervised_tokens']:,} "
+    mix = f" (--lmbda {summary['lmbda']:g}; --mix-loss {summary['mix_loss']} on --mix-cache)" if summary.get("mix_loss") else ""
+    click.echo(f"trained {summary['steps']} steps with --loss {summary['loss']}{mix} on {summary['supervised_tokens']:,} "
                f"supervised tokens{best}")
     click.echo(f"model: {summary['model']}" + (f"  adapter: {summary['adapter']}" if summary.get("adapter") else ""))
 
@@ -159,7 +189,8 @@ def train_student(**options) -> None:
                                               "float32, bfloat16, float16.")
 @click.option("--progress/--no-progress", default=False, show_default=True, help="Show a progress bar.")
 def eval_cmd(model: str, cache: str, as_json: bool, max_sequences: int | None, loss: str, temperature: float,
-             jsd_beta: float, skew_alpha: float, akl_mu: float, ce_weight: float, micro_batch_tokens: int,
+             jsd_beta: float, skew_alpha: float, akl_mu: float, ce_weight: float, clip_ratio: float | None,
+             micro_batch_tokens: int,
              device: str, dtype: str, autocast: str, attn_implementation: str, progress: bool) -> None:
     """KL to the teacher (top-k + tail bucket), CE and perplexity of MODEL on CACHE.
 
@@ -186,7 +217,7 @@ def eval_cmd(model: str, cache: str, as_json: bool, max_sequences: int | None, l
 
     try:
         loss_config = KDLossConfig(loss=loss, tau=temperature, beta=jsd_beta, alpha=skew_alpha, akl_mu=akl_mu,
-                                   ce_weight=ce_weight)
+                                   ce_weight=ce_weight, clip_ratio=clip_ratio)
     except ValueError as exc:
         raise KdcacheError(f"loss options: {exc}") from None
     metrics = evaluate_model(

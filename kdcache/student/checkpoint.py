@@ -66,11 +66,12 @@ class TrainerState:
 
     Attributes:
         step: optimizer steps done.
-        position: where the next global batch starts.
+        position: where the next global batch's share of ``--cache`` starts.
         best_value: lowest eval metric so far (None before the first evaluation).
         best_step: step of ``best_value``.
         sequences: sequences trained on so far.
         tokens: supervised tokens trained on so far.
+        mix_position: where the next share of ``--mix-cache`` starts (None without one).
     """
 
     step: int = 0
@@ -79,16 +80,20 @@ class TrainerState:
     best_step: int | None = None
     sequences: int = 0
     tokens: int = 0
+    mix_position: DataPosition | None = None
 
     def to_json(self) -> dict:
         data = asdict(self)
         data["position"] = self.position.to_json()
+        data["mix_position"] = self.mix_position.to_json() if self.mix_position is not None else None
         return data
 
     @classmethod
     def from_json(cls, data: dict) -> TrainerState:
         data = dict(data)
         data["position"] = DataPosition.from_json(data["position"])
+        mix = data.get("mix_position")  # absent in checkpoints of kdcache 0.5.1 and earlier
+        data["mix_position"] = DataPosition.from_json(mix) if mix is not None else None
         return cls(**data)
 
 

@@ -162,11 +162,42 @@ def check_output_rows(num_rows: int, manifest: dict, student_name: str = "studen
         )
 
 
-def check_same_tokenizer(train_manifest: dict, eval_manifest: dict, eval_dir: str | Path) -> None:
-    """An eval cache must come from the same tokenizer as the training cache."""
+def check_same_tokenizer(train_manifest: dict, eval_manifest: dict, eval_dir: str | Path, what: str = "eval cache") -> None:
+    """An eval (or ``--mix-cache``) cache must come from the same tokenizer as the training cache."""
     a, b = train_manifest["tokenizer"], eval_manifest["tokenizer"]
     if (a["vocab_size"], a["vocab_sha256"]) != (b["vocab_size"], b["vocab_sha256"]):
-        raise KdcacheError(f"{eval_dir}: eval cache was made with another tokenizer than the training cache")
+        raise KdcacheError(f"{eval_dir}: {what} was made with another tokenizer than the training cache (--cache)")
+
+
+def check_rollout_caches(training: list[tuple[str | Path | None, Any]], evaluation: list[tuple[str | Path | None, Any]],
+                         student: str, allow_mixed_rounds: bool) -> list[str]:
+    """Refuse caches of samples from different rollout rounds or students in one run (unless
+    ``allow_mixed_rounds``), and warn when the student being trained is not the one that
+    sampled a rollout cache (its on-policy losses then weigh off-policy samples).
+
+    Args:
+        training, evaluation: ``(directory, CacheReader or None)`` of the caches the run trains
+            on and of those it evaluates on.
+        student: ``--student`` (a local directory is hashed like ``kdcache rollout`` hashes it;
+            a hub id is not checked).
+        allow_mixed_rounds: ``--allow-mixed-rounds``.
+
+    Returns the warnings.
+    """
+    from kdcache.rollout.provenance import cache_rollout, check_rollout_rounds, rollout_student_warning, weights_sha256
+
+    check_rollout_rounds([(path, reader.manifest) for path, reader in training + evaluation if reader is not None],
+                         allow_mixed_rounds=allow_mixed_rounds)
+    rollouts = [(path, reader.manifest) for path, reader in training
+                if reader is not None and cache_rollout(reader.manifest) is not None]
+    student_dir = Path(student)
+    if not rollouts or not student_dir.is_dir():
+        return []
+    try:
+        sha = weights_sha256(student_dir)
+    except KdcacheError:
+        return []  # no weight files to compare (load_student names what is wrong)
+    return [w for path, manifest in rollouts if (w := rollout_student_warning(manifest, path, sha)) is not None]
 
 
 def resolve_loss(loss: str, manifest: dict) -> str:
@@ -183,7 +214,14 @@ def resolve_loss(loss: str, manifest: dict) -> str:
 
 def ignored_draws_warning(loss: str, manifest: dict, cache_dir: str | Path) -> str | None:
     """A warning when ``loss`` leaves a cache's draws unused (it then sees only the top-k and the tail bucket)."""
+    from kdcache.student.losses import POLICY_GRADIENT_LOSSES
+
     mode, k = sampling_mode(manifest), manifest["top_k"]
+    if loss in POLICY_GRADIENT_LOSSES:
+        if mode == "none":
+            return None
+        return (f"{cache_dir} holds teacher draws per token; --loss {loss} reads only the teacher's log-prob of each "
+                "sampled token, so the draws go unused (scoring the rollout with --top-k 1 --sampling none is enough)")
     if mode == "tail" and loss != "tail_rs":
         return (f"{cache_dir} holds top-{k} plus draws from outside it; --loss {loss} ignores the draws "
                 f"and sees only the top-{k} and one tail bucket (--loss tail_rs uses them; for {loss} "
@@ -194,24 +232,35 @@ def ignored_draws_warning(loss: str, manifest: dict, cache_dir: str | Path) -> s
     return None
 
 
-def check_loss_needs(loss: str, manifest: dict, cache_dir: str | Path) -> None:
+def check_loss_needs(loss: str, manifest: dict, cache_dir: str | Path, flag: str = "--loss") -> None:
     """The loss must find what it needs in the cache: top-k, full-distribution samples for
-    ``rs_kd``, top-k plus tail samples for ``tail_rs``."""
+    ``rs_kd``, top-k plus tail samples for ``tail_rs``, a rollout's log-probs for ``sampled_rkl``."""
+    from kdcache.rollout.provenance import cache_rollout
+    from kdcache.student.losses import POLICY_GRADIENT_LOSSES
+
+    if loss in POLICY_GRADIENT_LOSSES:
+        if cache_rollout(manifest) is None:
+            raise KdcacheError(
+                f"{cache_dir}: {flag} {loss} trains on the student's own samples, but this cache scored fixed data "
+                "(no rollout log-probs); make it from a `kdcache rollout` directory (generate-teacher --dataset "
+                "ROLLOUT), or use a divergence such as --loss tail on this cache"
+            )
+        return
     mode = sampling_mode(manifest)
     if loss == "rs_kd" and mode != "random":
         got = "tokens drawn from outside the top-k only (--sampling tail; use --loss tail_rs)" if mode == "tail" else "none"
         raise KdcacheError(
-            f"{cache_dir}: --loss rs_kd needs tokens drawn from the teacher's full distribution, but this cache has "
+            f"{cache_dir}: {flag} rs_kd needs tokens drawn from the teacher's full distribution, but this cache has "
             f"{got} (regenerate it with `generate-teacher --sampling random`)"
         )
     if loss == "tail_rs" and mode != "tail":
         raise KdcacheError(
-            f"{cache_dir}: --loss tail_rs needs tokens drawn from outside the top-k, but this cache has "
+            f"{cache_dir}: {flag} tail_rs needs tokens drawn from outside the top-k, but this cache has "
             f"{'full-distribution samples' if mode == 'random' else 'no samples'} "
             "(regenerate it with `generate-teacher --sampling tail`, or use --loss tail)"
         )
     if loss != "rs_kd" and int(manifest["top_k"]) <= 0:
         raise KdcacheError(
-            f"{cache_dir}: --loss {loss} needs the teacher's top-k, but this cache stores samples only (top_k 0); "
+            f"{cache_dir}: {flag} {loss} needs the teacher's top-k, but this cache stores samples only (top_k 0); "
             "use --loss rs_kd"
         )

@@ -282,7 +282,8 @@ class MicroBatch:
             supervised tokens (``offset + t - 1`` for target position ``t``).
         gold_ids: int64 ``[N]`` the supervised tokens themselves.
         targets: the teacher's cached distributions for the ``N`` positions.
-        teacher_logprobs: float32 ``[N]`` teacher log-prob of each gold token.
+        teacher_logprobs: float32 ``[N]`` teacher log-prob of each gold token (the same tensor
+            as ``targets.target_logprobs``).
     """
 
     input_ids: Tensor
@@ -305,6 +306,7 @@ class MicroBatch:
         def move(x: Tensor | None) -> Tensor | None:
             return None if x is None else x.to(device, non_blocking=True)
 
+        teacher_logprobs = move(self.teacher_logprobs)
         return MicroBatch(
             input_ids=move(self.input_ids),
             position_ids=move(self.position_ids),
@@ -317,8 +319,10 @@ class MicroBatch:
                 tail_logmass=move(self.targets.tail_logmass),
                 sample_ids=move(self.targets.sample_ids),
                 sample_weights=move(self.targets.sample_weights),
+                target_logprobs=teacher_logprobs,
+                rollout_logprobs=move(self.targets.rollout_logprobs),
             ),
-            teacher_logprobs=move(self.teacher_logprobs),
+            teacher_logprobs=teacher_logprobs,
         )
 
 
@@ -339,14 +343,22 @@ def _padded_samples(seqs: list[TeacherScores], num_draws: int) -> tuple[Tensor, 
 
 
 def build_micro_batch(
-    seqs: list[TeacherScores], top_k: int, num_draws: int = 0, with_samples: bool = False
+    seqs: list[TeacherScores], top_k: int, num_draws: int = 0, with_samples: bool = False, with_rollout: bool = False
 ) -> MicroBatch:
     """Concatenate ``seqs`` into one packed row with their targets (CPU tensors).
+
+    ``targets.target_logprobs`` is always set (the teacher's log-prob of each gold token);
+    ``targets.rollout_logprobs`` (the sampling policy's, in a cache of ``kdcache rollout``
+    samples) whenever every sequence carries it.
 
     Args:
         top_k: the cache's top-k (0: no top-k targets).
         num_draws: ``N`` draws per position of a sampling cache (weights are ``count / N``).
         with_samples: also build the sampled targets (``rs_kd``).
+        with_rollout: the rollout log-probs are required (``sampled_rkl``).
+
+    Raises:
+        KdcacheError: a target the loss needs is not in the cache (names the sequence).
     """
     lengths = [input_length(s) for s in seqs]
     offsets = np.cumsum([0] + lengths[:-1])
@@ -365,6 +377,13 @@ def build_micro_batch(
         if any(s.sample_offsets is None for s in seqs):
             raise KdcacheError(f"{seqs[0].source}: the cache holds no sampled tokens (needed by --loss rs_kd)")
         targets.sample_ids, targets.sample_weights = _padded_samples(seqs, num_draws)
+    targets.target_logprobs = torch.from_numpy(np.concatenate([s.target_logprobs for s in seqs]).astype(np.float32))
+    missing = next((s for s in seqs if s.rollout_logprobs is None), None)
+    if missing is None:
+        targets.rollout_logprobs = torch.from_numpy(np.concatenate([s.rollout_logprobs for s in seqs]).astype(np.float32))
+    elif with_rollout:
+        raise KdcacheError(f"{missing.source}: the cache holds no rollout log-probs (needed by --loss sampled_rkl); "
+                           "train sampled_rkl on a cache of `kdcache rollout` samples")
     return MicroBatch(
         input_ids=torch.from_numpy(input_ids)[None],
         position_ids=torch.from_numpy(position_ids)[None],
@@ -372,14 +391,15 @@ def build_micro_batch(
         hidden_index=torch.from_numpy(hidden_index),
         gold_ids=torch.from_numpy(gold),
         targets=targets,
-        teacher_logprobs=torch.from_numpy(np.concatenate([s.target_logprobs for s in seqs]).astype(np.float32)),
+        teacher_logprobs=targets.target_logprobs,
     )
 
 
-def padding_micro_batch(top_k: int, with_samples: bool = False) -> MicroBatch:
+def padding_micro_batch(top_k: int, with_samples: bool = False, with_rollout: bool = False) -> MicroBatch:
     """A one-token micro-batch without targets: what a rank runs while another still has work
     (its loss and gradients are exactly zero, but FSDP2's gathers and reductions take place)."""
     empty = torch.zeros(0, dtype=torch.int64)
+    no_logprobs = torch.zeros(0, dtype=torch.float32)
     targets = TeacherTargets()
     if top_k > 0:
         targets.topk_ids = torch.zeros((0, top_k), dtype=torch.int64)
@@ -388,18 +408,21 @@ def padding_micro_batch(top_k: int, with_samples: bool = False) -> MicroBatch:
     if with_samples:
         targets.sample_ids = torch.full((0, 1), -1, dtype=torch.int64)
         targets.sample_weights = torch.zeros((0, 1), dtype=torch.float32)
+    targets.target_logprobs = no_logprobs
+    if with_rollout:
+        targets.rollout_logprobs = torch.zeros(0, dtype=torch.float32)
     return MicroBatch(
         input_ids=torch.zeros((1, 1), dtype=torch.int64), position_ids=torch.zeros((1, 1), dtype=torch.int64),
-        seq_lengths=[1], hidden_index=empty, gold_ids=empty, targets=targets,
-        teacher_logprobs=torch.zeros(0, dtype=torch.float32),
+        seq_lengths=[1], hidden_index=empty, gold_ids=empty, targets=targets, teacher_logprobs=no_logprobs,
     )
 
 
 def micro_batches(
-    seqs: list[TeacherScores], max_tokens: int, top_k: int, num_draws: int = 0, with_samples: bool = False
+    seqs: list[TeacherScores], max_tokens: int, top_k: int, num_draws: int = 0, with_samples: bool = False,
+    with_rollout: bool = False,
 ) -> list[MicroBatch]:
     """Pack a global batch into micro-batches of at most ``max_tokens`` tokens."""
-    return [build_micro_batch(b, top_k, num_draws, with_samples) for b in pack_sequences(seqs, max_tokens)]
+    return [build_micro_batch(b, top_k, num_draws, with_samples, with_rollout) for b in pack_sequences(seqs, max_tokens)]
 
 
 def iter_eval_batches(
@@ -410,6 +433,7 @@ def iter_eval_batches(
     group_sequences: int = 256,
     rank: int = 0,
     world_size: int = 1,
+    with_rollout: bool = False,
 ) -> Iterator[MicroBatch]:
     """The cache in stored order, packed ``group_sequences`` at a time (streaming).
 
@@ -420,10 +444,10 @@ def iter_eval_batches(
     for seq in _eval_sequences(reader, max_sequences, rank, world_size):
         group.append(seq)
         if len(group) == group_sequences:
-            yield from micro_batches(group, max_tokens, reader.top_k, reader.num_samples, with_samples)
+            yield from micro_batches(group, max_tokens, reader.top_k, reader.num_samples, with_samples, with_rollout)
             group = []
     if group:
-        yield from micro_batches(group, max_tokens, reader.top_k, reader.num_samples, with_samples)
+        yield from micro_batches(group, max_tokens, reader.top_k, reader.num_samples, with_samples, with_rollout)
 
 
 def _eval_sequences(reader: CacheReader, max_sequences: int | None, rank: int, world_size: int) -> Iterator[TeacherScores]:

@@ -10,7 +10,9 @@ Metrics (means over the cache's supervised tokens):
 * ``top1_agree``: fraction of positions where the student's argmax is the teacher's top-1.
 * ``loss``: the training objective (``--loss`` with its parameters and ``--ce-weight``),
   when a loss configuration is given and the cache has what it needs. For the sample losses
-  (``tail_rs``, ``rs_kd``) it is a sample estimate biased upward at small N, not a KL.
+  (``tail_rs``, ``rs_kd``) it is a sample estimate biased upward at small N, not a KL; for
+  ``sampled_rkl`` (on a cache of rollout samples) the importance-weighted objective, whose
+  gradient is what estimates the reverse KL's.
 * ``rs_kl``: with ``rs_kd``, its estimate of the full-vocabulary KL.
 * ``tokens`` / ``sequences``: how much was evaluated.
 
@@ -90,6 +92,21 @@ def _micro_batch_sums(
         del z
 
 
+def loss_available(loss_config: KDLossConfig | None, reader: CacheReader) -> tuple[bool, bool]:
+    """``(loss computable, with samples)``: whether ``reader``'s cache holds what the loss needs
+    (samples of its kind for rs_kd/tail_rs, a rollout's log-probs for sampled_rkl, else a top-k)."""
+    from kdcache.rollout.provenance import cache_rollout
+
+    if loss_config is None:
+        return False, False
+    if loss_config.needs_samples:
+        with_samples = reader.sampling_mode == loss_config.sampling_mode
+        return with_samples, with_samples
+    if loss_config.needs_rollout:
+        return cache_rollout(reader.manifest) is not None, False
+    return reader.top_k > 0, False
+
+
 @torch.no_grad()
 def evaluate(
     model: nn.Module,
@@ -130,9 +147,8 @@ def evaluate(
     inner = getattr(step, "module", step).model
     device = device or next(inner.parameters()).device
     attn = attn_implementation or getattr(causal_lm(inner).config, "_attn_implementation", "sdpa") or "sdpa"
-    with_samples = (loss_config is not None and loss_config.needs_samples
-                    and reader.sampling_mode == loss_config.sampling_mode)
-    want_loss = loss_config is not None and (with_samples or (not loss_config.needs_samples and reader.top_k > 0))
+    want_loss, with_samples = loss_available(loss_config, reader)
+    with_rollout = want_loss and loss_config.needs_rollout
     mask_dtype = autocast_dtype or decoder_body(inner).get_input_embeddings().weight.dtype
     sums = {"loss": 0.0, "kl": 0.0, "ce": 0.0, "top1": 0.0, "teacher_ce": 0.0, "rs_kl": 0.0}
     tokens = sequences = 0
@@ -141,9 +157,9 @@ def evaluate(
     total = min(len(reader), max_sequences) if max_sequences is not None else len(reader)
     bar = tqdm(total=total, unit="seq", desc="eval", disable=not progress, leave=False, dynamic_ncols=True)
     batches = iter_eval_batches(reader, micro_batch_tokens, with_samples, max_sequences,
-                                rank=env.rank, world_size=env.world_size)
+                                rank=env.rank, world_size=env.world_size, with_rollout=with_rollout)
     try:
-        for mb, real in lockstep(batches, env, padding_micro_batch(reader.top_k, with_samples)):
+        for mb, real in lockstep(batches, env, padding_micro_batch(reader.top_k, with_samples, with_rollout)):
             mb = mb.to(device)
             head = functools.partial(_micro_batch_sums, mb=mb, top_k=reader.top_k, with_samples=with_samples,
                                      want_loss=want_loss, loss_config=loss_config, sums=sums)

@@ -2,13 +2,15 @@
 
 The loop, top to bottom (:func:`train_student`):
 
-1. check the caches against the student's tokenizer and the loss, claim ``--output``;
+1. check the caches against the student's tokenizer, the loss and each other (samples of
+   one rollout round only, unless ``--allow-mixed-rounds``), claim ``--output``;
 2. load the student (full fine-tuning, LoRA or QLoRA), build AdamW and the LR schedule;
-3. on ``--resume``, restore weights, optimizer, scheduler, RNG and the data position;
-4. each optimizer step takes ``--global-batch-size`` sequences, packs them into
-   micro-batches of at most ``--micro-batch-tokens`` tokens and accumulates gradients;
-   the loss is averaged over the *global* batch's supervised tokens, so accumulation gives
-   the same gradient as one big batch;
+3. on ``--resume``, restore weights, optimizer, scheduler, RNG and the data position(s);
+4. each optimizer step takes ``--global-batch-size`` sequences (from ``--cache``, or a share
+   ``--lmbda`` of them from ``--cache`` and the rest from ``--mix-cache``, each with its own
+   loss: :mod:`kdcache.student.sources`), packs them into micro-batches of at most
+   ``--micro-batch-tokens`` tokens and accumulates gradients; the loss is averaged over the
+   *global* batch's supervised tokens, so accumulation gives the same gradient as one big batch;
 5. every ``--eval-every`` steps: evaluate on ``--eval-cache``, keep ``best/``; every
    ``--save-every`` steps: write ``last/``;
 6. at the end: export the final model (``model/``, plus ``adapter/`` for LoRA), plot the
@@ -40,7 +42,7 @@ import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -52,6 +54,7 @@ from kdcache.student import checkpoint as ckpt
 from kdcache.student.chunked import chunked_kd_loss, head_inputs
 from kdcache.student.compat import (
     check_loss_needs,
+    check_rollout_caches,
     check_output_rows,
     check_same_tokenizer,
     check_tokenizer,
@@ -59,7 +62,7 @@ from kdcache.student.compat import (
     load_tokenizer,
     resolve_loss,
 )
-from kdcache.student.data import GlobalBatches, MicroBatch, RankBatches, micro_batches, padding_micro_batch
+from kdcache.student.data import DataPosition, MicroBatch
 from kdcache.student.distributed import (
     DistEnv,
     LauncherStop,
@@ -69,8 +72,8 @@ from kdcache.student.distributed import (
     sigterm_raises,
     wrap_ddp,
 )
-from kdcache.student.evaluate import evaluate
-from kdcache.student.losses import LOSS_NAMES, KDLossConfig
+from kdcache.student.evaluate import evaluate, loss_available
+from kdcache.student.losses import ALL_LOSS_NAMES, KDLossConfig
 from kdcache.student.modeling import (
     LoraSettings,
     StudentStep,
@@ -85,6 +88,7 @@ from kdcache.student.modeling import (
     resolve_precision,
     uses_dropout,
 )
+from kdcache.student.sources import SOURCE_LABELS, Source, SourceBatches, batch_shares, check_lmbda, source_metrics
 
 logger = logging.getLogger("kdcache")
 
@@ -93,7 +97,7 @@ logger = logging.getLogger("kdcache")
 #: into micro-batches does not matter), e.g. lower --micro-batch-tokens after running out of memory.
 RESUME_FREE = frozenset({
     "output", "resume", "overwrite", "progress", "log_every", "save_every", "device",
-    "micro_batch_tokens", "gradient_checkpointing", "attn_implementation", "lean_layers",
+    "micro_batch_tokens", "gradient_checkpointing", "attn_implementation", "lean_layers", "allow_mixed_rounds",
 })
 
 
@@ -102,7 +106,9 @@ class TrainConfig:
     """Everything `kdcache train-student` takes (field names = option names).
 
     Units: batch sizes in sequences, ``micro_batch_tokens`` in tokens, steps are optimizer
-    steps. ``lr=None`` means 2e-4 with LoRA and 2e-5 for full fine-tuning.
+    steps. ``lr=None`` means 2e-4 with LoRA and 2e-5 for full fine-tuning. ``clip_ratio=None``:
+    ``sampled_rkl`` without clipping. ``mix_cache``/``lmbda``/``mix_loss``: see
+    :mod:`kdcache.student.sources`.
     """
 
     student: str
@@ -117,6 +123,11 @@ class TrainConfig:
     skew_alpha: float = 0.1
     akl_mu: float = 0.5
     ce_weight: float = 0.0
+    clip_ratio: float | None = 0.2
+    mix_cache: str | None = None
+    lmbda: float | None = None
+    mix_loss: str = "auto"  # resolved from the mix cache
+    allow_mixed_rounds: bool = False
     epochs: int = 1
     max_steps: int | None = None
     global_batch_size: int = 32
@@ -160,14 +171,16 @@ class TrainConfig:
             return float(self.lr)
         return 2e-4 if self.use_lora else 2e-5
 
-    def loss_config(self) -> KDLossConfig:
+    def loss_config(self, loss: str | None = None) -> KDLossConfig:
+        """The loss of ``--cache`` (or ``loss``, e.g. ``--mix-loss``) with this run's loss options."""
         try:
             return KDLossConfig(
-                loss=self.loss, tau=self.temperature, beta=self.jsd_beta, alpha=self.skew_alpha,
-                akl_mu=self.akl_mu, ce_weight=self.ce_weight,
+                loss=loss or self.loss, tau=self.temperature, beta=self.jsd_beta, alpha=self.skew_alpha,
+                akl_mu=self.akl_mu, ce_weight=self.ce_weight, clip_ratio=self.clip_ratio,
             )
         except ValueError as exc:
-            raise KdcacheError(f"loss options: {exc}") from None
+            flag = "--mix-loss" if loss is not None and loss != self.loss else "loss options"
+            raise KdcacheError(f"{flag}: {exc}") from None
 
     def lora_settings(self) -> LoraSettings | None:
         if not self.use_lora:
@@ -175,10 +188,16 @@ class TrainConfig:
         return LoraSettings(self.lora_r, self.lora_alpha, self.lora_dropout, self.lora_targets, self.load_in_4bit)
 
     def check(self) -> None:
-        if self.loss != "auto" and self.loss not in LOSS_NAMES:
-            raise KdcacheError(f"--loss {self.loss!r}: choose auto or one of {', '.join(LOSS_NAMES)}")
-        if self.loss != "auto":
-            self.loss_config()
+        if self.clip_ratio is not None and not self.clip_ratio > 0:
+            raise KdcacheError(f"--clip-ratio must be > 0 (or none for no clipping), got {self.clip_ratio}")
+        for flag, name in (("--loss", self.loss), ("--mix-loss", self.mix_loss)):
+            if name != "auto" and name not in ALL_LOSS_NAMES:
+                raise KdcacheError(f"{flag} {name!r}: choose auto or one of {', '.join(ALL_LOSS_NAMES)}")
+            if name != "auto":
+                self.loss_config(name)
+        check_lmbda(self.lmbda, self.mix_cache)
+        if self.mix_cache is not None:
+            batch_shares(self.global_batch_size, self.lmbda)
         positive = {"global_batch_size": self.global_batch_size, "micro_batch_tokens": self.micro_batch_tokens,
                     "epochs": self.epochs, "shuffle_window": self.shuffle_window, "log_every": self.log_every}
         for name, value in positive.items():
@@ -220,6 +239,7 @@ class TrainConfig:
              "--eval-cache (the final model is the last step's)"),
             (("lora_alpha", "lora_dropout", "lora_targets"), self.lora_r,
              "--lora-r (this run fine-tunes every weight)"),
+            (("mix_loss",), self.mix_cache, "--mix-cache"),
         ):
             flags = [f"--{n.replace('_', '-')}" for n in names if getattr(self, n) != getattr(defaults, n)]
             if flags and not enabled:
@@ -278,9 +298,10 @@ class Runtime:
 def forward_backward(
     model: nn.Module,
     batches: list[MicroBatch],
-    loss_config: KDLossConfig,
+    loss_config: KDLossConfig | Sequence[KDLossConfig],
     runtime: Runtime,
     num_tokens: int | None = None,
+    sources: Sequence[str] | None = None,
 ) -> dict[str, float]:
     """Accumulate gradients of one global batch; returns its metrics.
 
@@ -290,26 +311,41 @@ def forward_backward(
     ranks and the ranks' gradients are summed. ``model`` is the student, or a
     :class:`~kdcache.student.modeling.StudentStep` (sharded with FSDP2 or wrapped in DDP;
     DDP then synchronizes gradients only in the last micro-batch).
+
+    Args:
+        loss_config: the loss of every micro-batch, or one per micro-batch (a run mixing two
+            caches, each with its own loss).
+        sources: a label per micro-batch; the metrics then also hold ``kd_<label>`` and
+            ``ce_<label>``, that label's sums divided by ``num_tokens`` like the totals.
+
+    Returns ``loss``, ``kd``, ``ce`` and, where the losses give them, ``rs_kl``, ``rkl`` and
+    ``clip_frac``: sums over the micro-batches of their sums divided by ``num_tokens``.
     """
     ddp = isinstance(model, DistributedDataParallel)
     step = model if ddp or isinstance(model, StudentStep) else StudentStep(model)
     num_tokens = num_tokens or sum(mb.num_targets for mb in batches)
+    configs = [loss_config] * len(batches) if isinstance(loss_config, KDLossConfig) else list(loss_config)
     mask_dtype = runtime.autocast_dtype or runtime.compute_dtype
     totals = {"loss": 0.0, "kd": 0.0, "ce": 0.0}
-    for i, mb in enumerate(batches):
+    for i, (mb, config) in enumerate(zip(batches, configs, strict=True)):
         mb = mb.to(runtime.device)
 
-        def head(hidden: Tensor, weight: Tensor, bias: Tensor | None, scale: float, mb: MicroBatch = mb):
+        def head(hidden: Tensor, weight: Tensor, bias: Tensor | None, scale: float, mb: MicroBatch = mb,
+                 config: KDLossConfig = config):
             h, w, b = head_inputs(hidden, weight, bias, scale, runtime.autocast_dtype)
-            return chunked_kd_loss(h, w, mb.targets, mb.gold_ids, loss_config, bias=b, num_tokens=num_tokens)
+            return chunked_kd_loss(h, w, mb.targets, mb.gold_ids, config, bias=b, num_tokens=num_tokens)
 
         last = i == len(batches) - 1
         with step.no_sync() if ddp and not last else nullcontext():
             loss, metrics = step(mb, head, runtime.attn_implementation, mask_dtype, runtime.autocast_dtype)
             loss.backward()
-        for key in ("loss", "kd", "ce", "rs_kl"):
+        for key in ("loss", "kd", "ce", "rs_kl", "rkl", "clip_frac"):
             if key in metrics:
                 totals[key] = totals.get(key, 0.0) + metrics[key]
+        if sources is not None:
+            for key in ("kd", "ce"):
+                label = f"{key}_{sources[i]}"
+                totals[label] = totals.get(label, 0.0) + metrics[key]
     return totals
 
 
@@ -342,31 +378,35 @@ def _oom_message(cfg: TrainConfig, where: str, distributed: bool = False) -> str
     return f"out of GPU memory {where}; {hint}"
 
 
-def run_settings(cfg: TrainConfig, reader: CacheReader, eval_reader: CacheReader | None) -> dict:
+def run_settings(cfg: TrainConfig, reader: CacheReader, eval_reader: CacheReader | None,
+                 mix_reader: CacheReader | None = None) -> dict:
     """The settings recorded in ``run.json``; a resumed run must match them."""
     settings = {k: v for k, v in asdict(cfg).items() if k not in RESUME_FREE}
     settings["cache_settings_hash"] = reader.manifest["settings_hash"]
     settings["eval_cache_settings_hash"] = eval_reader.manifest["settings_hash"] if eval_reader else None
+    if mix_reader is not None:
+        settings["mix_cache_settings_hash"] = mix_reader.manifest["settings_hash"]
     return settings
 
 
 def _best_metric(cfg: TrainConfig, loss_config: KDLossConfig, eval_reader: CacheReader) -> str:
     """The eval metric that picks ``best/``: ``--best-metric`` if the eval cache can give it.
 
-    ``loss`` needs what the loss needs (top-k, or samples of the right kind for rs_kd and
-    tail_rs); without them such a run falls back to ``kl`` with a warning. ``kl`` needs a
-    top-k cache.
+    ``loss`` needs what the loss needs (top-k, samples of the right kind for rs_kd and
+    tail_rs, a rollout's log-probs for sampled_rkl); without them such a run falls back to
+    ``kl`` with a warning. ``kl`` needs a top-k cache.
     """
     available = {"ce"}
     if eval_reader.top_k > 0:
         available.add("kl")
-    if (eval_reader.sampling_mode == loss_config.sampling_mode) if loss_config.needs_samples else (eval_reader.top_k > 0):
+    if loss_available(loss_config, eval_reader)[0]:
         available.add("loss")
     if cfg.best_metric in available:
         return cfg.best_metric
     if cfg.best_metric == "loss" and "kl" in available:
-        _warn([f"{cfg.eval_cache} has no {loss_config.sampling_mode}-sampled tokens for the {loss_config.loss} loss; "
-               "best checkpoint chosen by eval kl"])
+        lacks = ("rollout log-probs (it is no cache of `kdcache rollout` samples)" if loss_config.needs_rollout
+                 else f"{loss_config.sampling_mode}-sampled tokens")
+        _warn([f"{cfg.eval_cache} has no {lacks} for the {loss_config.loss} loss; best checkpoint chosen by eval kl"])
         return "kl"
     raise KdcacheError(
         f"{cfg.eval_cache}: --best-metric {cfg.best_metric} cannot be computed on this eval cache "
@@ -426,17 +466,27 @@ def _train(cfg: TrainConfig, env: DistEnv, on_step: Callable[[int, dict], None] 
     # 1. Inputs: caches, tokenizer, compatibility. Nothing is written before these pass (on any rank).
     def check_inputs():
         reader = CacheReader(cfg.cache)
-        run_cfg = replace(cfg, loss=resolve_loss(cfg.loss, reader.manifest))
+        mix_reader = CacheReader(cfg.mix_cache) if cfg.mix_cache else None
+        run_cfg = replace(cfg, loss=resolve_loss(cfg.loss, reader.manifest),
+                          mix_loss=resolve_loss(cfg.mix_loss, mix_reader.manifest) if mix_reader else cfg.mix_loss)
         loss_config = run_cfg.loss_config()
-        check_loss_needs(run_cfg.loss, reader.manifest, cfg.cache)
-        draws_warning = ignored_draws_warning(run_cfg.loss, reader.manifest, cfg.cache)
-        _warn(([draws_warning] if draws_warning else []) + run_cfg.ignored_options())
+        warnings = []
+        for path, cache_reader, loss, flag in ((cfg.cache, reader, run_cfg.loss, "--loss"),
+                                               (cfg.mix_cache, mix_reader, run_cfg.mix_loss, "--mix-loss")):
+            if cache_reader is not None:
+                check_loss_needs(loss, cache_reader.manifest, path, flag)
+                warnings.append(ignored_draws_warning(loss, cache_reader.manifest, path))
+        _warn([w for w in warnings if w] + run_cfg.ignored_options())
         eval_reader = CacheReader(cfg.eval_cache) if cfg.eval_cache else None
         best_metric = cfg.best_metric
+        if mix_reader is not None:
+            check_same_tokenizer(reader.manifest, mix_reader.manifest, cfg.mix_cache, what="--mix-cache")
         if eval_reader is not None:
             check_same_tokenizer(reader.manifest, eval_reader.manifest, cfg.eval_cache)
             best_metric = _best_metric(run_cfg, loss_config, eval_reader)
-        for cache_reader in (reader, eval_reader):
+        _warn(check_rollout_caches([(cfg.cache, reader), (cfg.mix_cache, mix_reader)], [(cfg.eval_cache, eval_reader)],
+                                   cfg.student, cfg.allow_mixed_rounds))
+        for cache_reader in (reader, mix_reader, eval_reader):
             if cache_reader is not None:
                 check_micro_batch_fits(cache_reader, cfg.micro_batch_tokens)
         tokenizer = load_tokenizer(cfg.student)
@@ -452,15 +502,24 @@ def _train(cfg: TrainConfig, env: DistEnv, on_step: Callable[[int, dict], None] 
         if cfg.load_in_4bit and weight_dtype == torch.float32:
             compute_dtype = torch.bfloat16  # load_student's bnb_4bit_compute_dtype
         runtime = Runtime(device, amp, resolve_attn_implementation(cfg.attn_implementation, device), compute_dtype)
-        return reader, eval_reader, run_cfg, loss_config, best_metric, tokenizer, weight_dtype, runtime
+        if mix_reader is None:
+            sources = [Source("--cache", reader, loss_config, cfg.global_batch_size)]
+        else:
+            shares = batch_shares(cfg.global_batch_size, cfg.lmbda)
+            sources = [Source("--cache", reader, loss_config, shares[0]),
+                       Source("--mix-cache", mix_reader, run_cfg.loss_config(run_cfg.mix_loss), shares[1])]
+        return sources, eval_reader, run_cfg, loss_config, best_metric, tokenizer, weight_dtype, runtime
 
-    reader, eval_reader, cfg, loss_config, best_metric, tokenizer, weight_dtype, runtime = env.agree(check_inputs)
+    sources, eval_reader, cfg, loss_config, best_metric, tokenizer, weight_dtype, runtime = env.agree(check_inputs)
+    reader = sources[0].reader
+    mix_reader = sources[1].reader if len(sources) > 1 else None
     device, amp = runtime.device, runtime.autocast_dtype
 
     last_dir, best_dir = out / "last", out / "best"
 
     def claim() -> tuple[bool, str]:
-        resuming = ckpt.claim_output(out, run_settings(cfg, reader, eval_reader), resume=cfg.resume, overwrite=cfg.overwrite)
+        resuming = ckpt.claim_output(out, run_settings(cfg, reader, eval_reader, mix_reader), resume=cfg.resume,
+                                     overwrite=cfg.overwrite)
         ckpt.recover(last_dir)
         ckpt.recover(best_dir)
         token = secrets.token_hex(8) if distributed else ""
@@ -505,7 +564,7 @@ def _train(cfg: TrainConfig, env: DistEnv, on_step: Callable[[int, dict], None] 
     if env.rank:
         torch.manual_seed(cfg.seed + env.rank)  # each rank its own dropout stream (rank 0: a single process's)
     optimizer = build_optimizer(model, cfg.learning_rate, cfg.weight_decay, device, fused=not fsdp)
-    steps_per_epoch = math.ceil(len(reader) / cfg.global_batch_size)
+    steps_per_epoch = math.ceil(len(reader) / sources[0].batch_size)  # --epochs counts passes over --cache
     total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
     warmup = int(round(cfg.warmup_ratio * total_steps))
     scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -530,12 +589,9 @@ def _train(cfg: TrainConfig, env: DistEnv, on_step: Callable[[int, dict], None] 
 
         env.on_main(prune_best)
     log = ckpt.MetricsLog(out / ckpt.METRICS_FILE, keep_until_step=state.step if resuming else None) if env.is_main else None
-    if distributed:
-        batches = RankBatches(reader, cfg.global_batch_size, cfg.seed, state.position, cfg.shuffle_window, cfg.shuffle,
-                              env.rank, env.world_size)
-    else:
-        batches = GlobalBatches(reader, cfg.global_batch_size, cfg.seed, state.position, cfg.shuffle_window, cfg.shuffle)
-    padding = padding_micro_batch(reader.top_k, loss_config.needs_samples)
+    batches = SourceBatches(sources, [state.position, state.mix_position or DataPosition()][: len(sources)],
+                            seed=cfg.seed, window_shards=cfg.shuffle_window, shuffle=cfg.shuffle,
+                            micro_batch_tokens=cfg.micro_batch_tokens, rank=env.rank, world_size=env.world_size)
     saved_step = state.step if resuming else None
 
     # 4. The loop.
@@ -548,21 +604,19 @@ def _train(cfg: TrainConfig, env: DistEnv, on_step: Callable[[int, dict], None] 
     try:
         while state.step < total_steps:
             t0 = time.perf_counter()
-            if distributed:
-                seqs, epoch, num_seqs = next(batches)
-            else:
-                seqs, epoch = next(batches)
-                num_seqs = len(seqs)
-            micro = micro_batches(seqs, cfg.micro_batch_tokens, reader.top_k, reader.num_samples, loss_config.needs_samples)
+            batch = next(batches)
             # Global counts; every rank runs as many micro-batches as the busiest (FSDP2 gathers in each).
-            per_rank = env.all_gather([sum(mb.num_targets for mb in micro), len(micro), sum(mb.num_tokens for mb in micro)])
-            num_tokens = int(sum(r[0] for r in per_rank))
-            num_micro = int(max(r[1] for r in per_rank))
-            micro += [padding] * (num_micro - len(micro))
-            metrics = forward_backward(step_module, micro, loss_config, runtime, num_tokens)
+            per_rank = env.all_gather([*batch.tokens(len(sources)), len(batch.micro), sum(mb.num_tokens for mb in batch.micro)])
+            tokens_by_source = [int(sum(r[i] for r in per_rank)) for i in range(len(sources))]
+            num_tokens = sum(tokens_by_source)
+            num_micro = int(max(r[-2] for r in per_rank))
+            batches.pad(batch, num_micro)
+            labels = [SOURCE_LABELS[i] for i in batch.source_of] if mix_reader is not None else None
+            metrics = forward_backward(step_module, batch.micro, batch.loss_configs, runtime, num_tokens, sources=labels)
             if distributed:
                 keys = sorted(metrics)
                 metrics = dict(zip(keys, env.sum([metrics[k] for k in keys])))
+            metrics = source_metrics(metrics, sources, tokens_by_source)
             params = [p for group in optimizer.param_groups for p in group["params"]]
             grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf"))
             if hasattr(grad_norm, "full_tensor"):  # FSDP2: a DTensor
@@ -574,16 +628,21 @@ def _train(cfg: TrainConfig, env: DistEnv, on_step: Callable[[int, dict], None] 
             optimizer.zero_grad(set_to_none=True)
 
             state.step += 1
-            state.position = batches.position
+            positions = batches.positions
+            state.position = positions[0]
+            state.mix_position = positions[1] if mix_reader is not None else None
+            num_seqs = sum(batch.sequences)
             state.sequences += num_seqs
             state.tokens += num_tokens
             elapsed = time.perf_counter() - t0
             record = {
-                "type": "train", "step": state.step, "epoch": epoch, "lr": lr, **metrics,
+                "type": "train", "step": state.step, "epoch": batch.epochs[0], "lr": lr, **metrics,
                 "grad_norm": float(grad_norm), "sequences": num_seqs, "tokens": num_tokens,
-                "micro_batches": num_micro, "tokens_per_s": sum(r[2] for r in per_rank) / max(elapsed, 1e-9),
+                "micro_batches": num_micro, "tokens_per_s": sum(r[-1] for r in per_rank) / max(elapsed, 1e-9),
                 "elapsed_s": time.perf_counter() - start_time,
             }
+            if mix_reader is not None:
+                record.update(mix_epoch=batch.epochs[1], sequences_mix=batch.sequences[1], tokens_mix=tokens_by_source[1])
             if log is not None and (state.step % cfg.log_every == 0 or state.step == total_steps):
                 log.write(record)
             bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{lr:.2e}", refresh=False)
@@ -724,6 +783,8 @@ def _finish(cfg: TrainConfig, out: Path, state: ckpt.TrainerState, tokenizer, lo
         _warn([f"could not draw loss_curves.png ({type(exc).__name__}: {exc})"])
     summary = {
         "loss": cfg.loss,
+        "mix_loss": cfg.mix_loss if cfg.mix_cache else None,
+        "lmbda": cfg.lmbda,
         "steps": state.step,
         "sequences": state.sequences,
         "supervised_tokens": state.tokens,
