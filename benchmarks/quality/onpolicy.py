@@ -84,6 +84,7 @@ SCALES: dict[str, OnPolicyScale] = {
         name="cpu", hp=TrainHParams(train_tokens=0, max_length=256, rows_per_step=8, micro_batch_tokens=4096, lr=1e-3),
         stage0_tokens=12_000, rounds=2, prompts_per_round=48, samples_per_prompt=2, max_new_tokens=96,
         eval_prompts=48, eval_text_tokens=4_000, eval_chat_tokens=4_000, eval_batch_tokens=2048, logit_chunk=512,
+        teacher_backend="auto",
     ),
     # One GPU: 400k tokens of stage 0, 3 rounds of 1024 prompts x 4 samples x <= 192 tokens.
     "gpu": OnPolicyScale(
