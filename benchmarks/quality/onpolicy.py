@@ -75,7 +75,14 @@ class OnPolicyScale:
     dtype: str = "float32"  # weights of the engines (rollout and teacher)
     max_num_batched_tokens: int = 16384  # vLLM: a scheduler step takes every prompt whole (see README)
     seeds: tuple[int, ...] = (0, 1, 2)
+    # sampled_rkl's learning rate (None: hp.lr). A policy-gradient loss whose advantages are
+    # mostly negative takes a far smaller step than dense KD: at the cpu scale, lr 1e-3 (stage
+    # 0's) moved the training rkl from 1.6 to -4.8 nats in one step (the student dropped its own
+    # samples), 1e-4 kept it near its start with ~30% of tokens clipped.
+    onpolicy_lr: float | None = None
 
+
+ONPOLICY_LR_CPU = 3e-4
 
 SCALES: dict[str, OnPolicyScale] = {
     # 2 shared CPU cores: ~12k tokens of stage 0, then 2 rounds of 48 prompts x 2 samples x <= 96 tokens
@@ -84,7 +91,7 @@ SCALES: dict[str, OnPolicyScale] = {
         name="cpu", hp=TrainHParams(train_tokens=0, max_length=256, rows_per_step=8, micro_batch_tokens=4096, lr=1e-3),
         stage0_tokens=12_000, rounds=2, prompts_per_round=48, samples_per_prompt=2, max_new_tokens=96,
         eval_prompts=48, eval_text_tokens=4_000, eval_chat_tokens=4_000, eval_batch_tokens=2048, logit_chunk=512,
-        teacher_backend="auto",
+        teacher_backend="auto", onpolicy_lr=ONPOLICY_LR_CPU,
     ),
     # One GPU: 400k tokens of stage 0, 3 rounds of 1024 prompts x 4 samples x <= 192 tokens.
     "gpu": OnPolicyScale(
@@ -224,14 +231,15 @@ class OnPolicyBenchmark:
         self._timed("teacher_scoring_s", time.perf_counter() - began)
         return manifest
 
-    def train(self, student: Path, cache: Path, out: Path, loss: str, seed: int) -> dict:
+    def train(self, student: Path, cache: Path, out: Path, loss: str, seed: int, lr: float | None = None) -> dict:
         """train-student (``benchmarks.quality.cache_arms.train_from_cache``'s settings); reused when finished."""
         from benchmarks.quality.cache_arms import train_from_cache
 
         if (out / "COMPLETE").exists():
             return _read(out / "summary.json")
         began = time.perf_counter()
-        train_from_cache(student_dir=student, cache_dir=cache, out_dir=out, loss=loss, hp=self.hp, seed=seed,
+        hp = replace(self.hp, lr=lr) if lr is not None else self.hp
+        train_from_cache(student_dir=student, cache_dir=cache, out_dir=out, loss=loss, hp=hp, seed=seed,
                          device=self.args.device)
         shutil.rmtree(out / "last", ignore_errors=True)  # optimizer state: not needed afterwards
         self._timed("training_s", time.perf_counter() - began)
@@ -270,7 +278,7 @@ class OnPolicyBenchmark:
             d = root / f"round-{r}"
             rollout = self.rollout(student, self.round_files[r], d / "rollout", round_=r, seed=1000 * seed + r)
             cache = self.cache(d / "rollout", d / "cache", top_k=1)
-            summary = self.train(student, d / "cache", d / "train", "sampled_rkl", seed)
+            summary = self.train(student, d / "cache", d / "train", "sampled_rkl", seed, lr=self.scale.onpolicy_lr)
             records = [json.loads(line) for line in (d / "train" / "metrics.jsonl").read_text().splitlines()]
             train = [x for x in records if x["type"] == "train"]
             rounds.append({"round": r, "responses": rollout["totals"]["rows"],
@@ -451,7 +459,8 @@ def markdown(results: dict) -> str:
         f"Scale `{results['scale']}`: stage 0 (off-policy KD, default cache, `tail_rs`) on "
         f"{results['stage0']['tokens']:,} response tokens ({results['stage0']['rows']} rows, "
         f"{results['stage0']['steps']} steps); then per seed {s['rounds']} on-policy rounds of {s['prompts_per_round']} "
-        f"prompts x {s['samples_per_prompt']} samples x <= {s['max_new_tokens']} tokens (`sampled_rkl`, clip 0.2), "
+        f"prompts x {s['samples_per_prompt']} samples x <= {s['max_new_tokens']} tokens (`sampled_rkl`, clip 0.2, "
+        f"lr {s['onpolicy_lr'] or results['hparams']['lr']:g}), "
         "against off-policy KD (`tail_rs`) on fixed rows holding the same number of teacher-scored tokens. "
         f"Held out: {results['eval']['prompts']} prompts (one sample each, temperature 1, same seeds for every model), "
         f"{results['eval']['text_tokens']:,} text and {results['eval']['chat_tokens']:,} reference-response tokens "
