@@ -49,6 +49,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from benchmarks.quality.hparams import TrainHParams
+from kdcache.cache.manifest import write_json_atomic
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -83,8 +84,6 @@ class OnPolicyScale:
     onpolicy_lr: float | None = None
 
 
-ONPOLICY_LR_CPU = 3e-4
-
 SCALES: dict[str, OnPolicyScale] = {
     # 2 shared CPU cores: ~12k tokens of stage 0, then 2 rounds of 48 prompts x 2 samples x <= 96 tokens
     # (<= 18.4k teacher-scored tokens per arm), evaluated on 48 held-out prompts.
@@ -92,7 +91,7 @@ SCALES: dict[str, OnPolicyScale] = {
         name="cpu", hp=TrainHParams(train_tokens=0, max_length=256, rows_per_step=8, micro_batch_tokens=4096, lr=1e-3),
         stage0_tokens=12_000, rounds=2, prompts_per_round=48, samples_per_prompt=2, max_new_tokens=96,
         eval_prompts=48, eval_text_tokens=4_000, eval_chat_tokens=4_000, eval_batch_tokens=2048, logit_chunk=512,
-        teacher_backend="auto", onpolicy_lr=ONPOLICY_LR_CPU,
+        teacher_backend="auto", onpolicy_lr=3e-4,
     ),
     # One GPU: 400k tokens of stage 0, 3 rounds of 1024 prompts x 4 samples x <= 192 tokens.
     "gpu": OnPolicyScale(
@@ -118,13 +117,6 @@ def _log(message: str) -> None:
 
 def _read(path: Path) -> Any:
     return json.loads(path.read_text())
-
-
-def _write(path: Path, data: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    tmp.replace(path)
 
 
 class OnPolicyBenchmark:
@@ -201,7 +193,7 @@ class OnPolicyBenchmark:
         path = self.work / "settings.json"
         if path.exists() and _read(path) != json.loads(json.dumps(settings)):
             raise SystemExit(f"{self.work} holds a run with other settings; pass --fresh or another --work-dir")
-        _write(path, settings)
+        write_json_atomic(path, settings)
 
     @property
     def teacher_model(self):
@@ -215,7 +207,7 @@ class OnPolicyBenchmark:
 
     def _timed(self, key: str, seconds: float) -> None:
         self.timings[key] = self.timings.get(key, 0.0) + seconds
-        _write(self.timings_path, self.timings)
+        write_json_atomic(self.timings_path, self.timings)
 
     def cache(self, dataset: Path, out: Path, *, top_k: int, samples: int = 0, seed: int = 0) -> dict:
         """generate-teacher on ``dataset`` (reused when finished)."""
@@ -342,7 +334,7 @@ class OnPolicyBenchmark:
         out = {"generation": generation, "forced": forced, "seconds": {"generation": gen_s,
                                                                         "forced": time.perf_counter() - began}}
         self._timed("eval_s", gen_s + out["seconds"]["forced"])
-        _write(path, out)
+        write_json_atomic(path, out)
         _log(f"[eval] {name}: rkl {generation['rkl']:.3f}, ROUGE-L {generation.get('rouge_l', float('nan')):.4f}, "
              f"text KL {forced['text']['kl']:.3f}, chat CE {forced['chat']['ce']:.3f} ({gen_s:.0f}s + "
              f"{out['seconds']['forced']:.0f}s)")
