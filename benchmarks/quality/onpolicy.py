@@ -147,7 +147,11 @@ class OnPolicyBenchmark:
         from transformers import AutoTokenizer
 
         from benchmarks.quality import data
-        from benchmarks.quality.student_init import INIT_INFO, build_student, teacher_dir
+        from benchmarks.quality.student_init import (
+            INIT_INFO,
+            build_student,
+            teacher_dir,
+        )
         from benchmarks.quality.tokens import take_tokens, tokenize_row
 
         self.teacher_dir = Path(self.args.teacher_dir) if self.args.teacher_dir else teacher_dir()
